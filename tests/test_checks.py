@@ -1,0 +1,49 @@
+"""Every exercise check accepts the reference answer and rejects at least two planted wrong answers.
+
+Planted answers live in tests/planted_<topic>.py as `PLANTED = {'check_name': (right_fn, [wrong_fn, ...])}`."""
+import importlib.util, inspect
+from pathlib import Path
+
+import pytest
+
+from dalle_course import checks
+from dalle_course.exercises import CheckFailure
+
+HERE = Path(__file__).resolve().parent
+
+
+def _planted():
+    out = {}
+    for p in sorted(HERE.glob('planted_*.py')):
+        spec = importlib.util.spec_from_file_location(p.stem, p); mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        dup = set(out) & set(mod.PLANTED)
+        assert not dup, f'{p.name} plants answers for checks already planted elsewhere: {dup}'
+        out.update(mod.PLANTED)
+    return out
+
+
+PLANTED = _planted()
+CHECKS = {n: f for n, f in inspect.getmembers(checks, inspect.isfunction)
+          if n.startswith('check_') and f.__module__ == checks.__name__}
+WRONG = [(name, i) for name, (_, wrongs) in PLANTED.items() for i in range(len(wrongs))]
+
+
+def test_every_check_has_planted_answers():
+    assert CHECKS, 'dalle_course.checks defines no check'
+    assert set(CHECKS) == set(PLANTED), (f'checks without planted answers: {set(CHECKS) - set(PLANTED)}; '
+                                         f'planted for unknown checks: {set(PLANTED) - set(CHECKS)}')
+    few = {n: len(w) for n, (_, w) in PLANTED.items() if len(w) < 2}
+    assert not few, f'fewer than two wrong answers planted: {few}'
+
+
+@pytest.mark.parametrize('name', sorted(PLANTED))
+def test_check_accepts_reference(name, capsys):
+    CHECKS[name](PLANTED[name][0])
+    assert '✓' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('name,i', WRONG, ids=[f'{n}-wrong{i}' for n, i in WRONG])
+def test_check_rejects_wrong_answer(name, i):
+    with pytest.raises(CheckFailure):
+        CHECKS[name](PLANTED[name][1][i])

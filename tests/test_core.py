@@ -1,0 +1,109 @@
+"""dalle_course.core as a user calls it."""
+import os, random
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dalle_course import core
+from dalle_course.core import (InputError, get_device, image_grid, load_checkpoint, pack_state, read_checkpoint_meta,
+                               save_checkpoint, seed_everything, to_uint8_hwc, unpack_state)
+
+
+def test_seed_everything_repeats_all_generators():
+    seed_everything(3); a = (random.random(), np.random.rand(), torch.rand(2), torch.randn(2))
+    seed_everything(3); b = (random.random(), np.random.rand(), torch.rand(2), torch.randn(2))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
+
+
+def test_device_choice_on_cpu():
+    assert get_device('cpu').type == 'cpu'
+    if not torch.cuda.is_available():
+        assert get_device().type in ('cpu', 'mps')
+        with pytest.raises(ValueError, match='CUDA is not available'):
+            get_device('cuda')
+
+
+def test_autocast_is_off_on_cpu():
+    with core.autocast('cpu'):
+        assert (torch.randn(2, 3) @ torch.randn(3, 2)).dtype == torch.float32
+
+
+def test_checkpoint_round_trip_full_training_state(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    for _ in range(2):
+        opt.zero_grad(); model(torch.randn(5, 4)).pow(2).mean().backward(); opt.step()
+    state = {'model': model.state_dict(), 'optim': opt.state_dict(),
+             'rng': {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}}
+    p = save_checkpoint(tmp_path / 'run' / 'ck.safetensors', state, config={'depth': 2, 'name': 'x'}, step=2)
+    ck = load_checkpoint(p)
+    assert ck['step'] == 2 and ck['config'] == {'depth': 2, 'name': 'x'}
+    assert read_checkpoint_meta(p) == {'config': {'depth': 2, 'name': 'x'}, 'step': 2}
+    for k, v in model.state_dict().items(): assert torch.equal(ck['state']['model'][k], v)
+    # the optimizer state loads into a fresh optimizer and continues identically
+    m2 = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    m2.load_state_dict(ck['state']['model']); o2 = torch.optim.AdamW(m2.parameters(), lr=3e-4)
+    o2.load_state_dict(ck['state']['optim'])
+    x = torch.randn(5, 4)
+    for m, o in ((model, opt), (m2, o2)):
+        o.zero_grad(); m(x).pow(2).mean().backward(); o.step()
+    for a, b in zip(model.parameters(), m2.parameters()): assert torch.equal(a, b)
+    assert torch.equal(ck['state']['rng']['torch'], state['rng']['torch'])
+    assert ck['state']['rng']['python'] == random.getstate()
+    assert set(load_file(p)) >= {f'model/{k}' for k in model.state_dict()}
+
+
+def test_checkpoint_shared_tensors_and_bad_values(tmp_path):
+    w = torch.randn(3, 3)
+    p = save_checkpoint(tmp_path / 'c.safetensors', {'a': w, 'b': w, 'view': w[1]})
+    st = load_checkpoint(p)['state']
+    assert torch.equal(st['a'], w) and torch.equal(st['b'], w) and torch.equal(st['view'], w[1])
+    with pytest.raises(TypeError, match='cannot store'):
+        save_checkpoint(tmp_path / 'd.safetensors', {'f': object()})
+    assert not (tmp_path / 'd.safetensors').exists()
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    p = save_checkpoint(tmp_path / 'c.safetensors', {'x': torch.ones(3)}, step=1)
+    before = p.read_bytes()
+    def crash(tensors, filename, metadata=None):
+        with open(filename, 'wb') as f: f.write(b'half')
+        raise OSError('simulated crash')
+    monkeypatch.setattr(core, 'save_file', crash)
+    with pytest.raises(OSError):
+        save_checkpoint(p, {'x': torch.zeros(3)}, step=2)
+    assert p.read_bytes() == before and os.listdir(tmp_path) == ['c.safetensors']
+    assert load_checkpoint(p)['step'] == 1
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / 'none.safetensors')
+    from safetensors.torch import save_file
+    save_file({'w': torch.ones(1)}, str(tmp_path / 'foreign.safetensors'))
+    with pytest.raises(ValueError, match='not a dalle_course checkpoint'):
+        load_checkpoint(tmp_path / 'foreign.safetensors')
+
+
+def test_pack_state_int_keys_and_tuples():
+    obj = {'s': {0: {'step': torch.tensor(3.0)}, 1: {}}, 't': (1, 'a', [2.5, None])}
+    t, sk = pack_state(obj)
+    back = unpack_state(t, sk)
+    assert back['t'] == (1, 'a', [2.5, None]) and list(back['s']) == [0, 1]
+    assert torch.equal(back['s'][0]['step'], torch.tensor(3.0))
+
+
+def test_image_layouts_and_grid():
+    f = torch.rand(3, 3, 5, 7)
+    u = to_uint8_hwc(f)
+    assert u.shape == (3, 5, 7, 3) and u.dtype == np.uint8
+    expect = np.round(f.permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+    assert np.abs(u.astype(int) - expect.astype(int)).max() <= 1
+    fig = image_grid(f, ['a', 'b', 'c'], ncols=2)
+    assert len([ax for ax in fig.axes if ax.images]) == 3 and fig.axes[0].get_title() == 'a'
+
+
+def test_input_error_is_value_error():
+    assert issubclass(InputError, ValueError)
