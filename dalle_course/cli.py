@@ -103,5 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130
 
+# %% ../nbs/95_cli.ipynb #95_cli-010
+#| eval: false
 if __name__ == '__main__':
     sys.exit(main())
