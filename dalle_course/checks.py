@@ -9,7 +9,9 @@ import torch
 from .exercises import CheckFailure, expect, expect_close, passed
 
 # %% auto #0
-__all__ = ['check_colorize', 'check_slot_box', 'check_warmup_cosine_lr', 'check_ema_update']
+__all__ = ['check_colorize', 'check_slot_box', 'check_warmup_cosine_lr', 'check_ema_update', 'check_gumbel_noise',
+           'check_relaxed_sample', 'check_straight_through', 'check_logit_laplace_nll', 'check_kl_to_uniform',
+           'check_batch_usage_kl', 'check_nearest_codes', 'check_vq_straight_through', 'check_ema_codebook_step']
 
 # %% ../nbs/91_checks.ipynb #91_checks-004
 def check_colorize(fn) -> None:
@@ -103,3 +105,266 @@ def check_ema_update(fn) -> None:
             expect_close(objs[i], ref, f'{case}: ema_params[{i}] updated in place (same tensor object)', atol=1e-6, rtol=1e-5)
             n += 1
     passed('ema_update', n)
+
+# %% ../nbs/91_checks.ipynb #91_checks-010
+def _gumbel_call(fn, *tensors_and_args):
+    "Call the learner's fn on fresh copies of the tensor arguments; return (output, the copies)."
+    args = [a.clone() if isinstance(a, torch.Tensor) else a for a in tensors_and_args]
+    return fn(*args), args
+
+def check_gumbel_noise(fn) -> None:
+    "Check `fn(u) -> -log(-log u)` elementwise: values, shape and dtype, `u` untouched, Gumbel(0, 1) mean, variance and CDF."
+    import math
+    n = 0
+    fixed = [1e-6, 0.01, 0.1, math.exp(-1), 0.5, 0.9, 0.999999]
+    u = torch.tensor(fixed, dtype=torch.float64)
+    ref = torch.tensor([-math.log(-math.log(v)) for v in fixed], dtype=torch.float64)  # one value at a time
+    g = torch.Generator().manual_seed(0)
+    cases = [(u, ref, 1e-9)]
+    for shape in [(3, 4), (2, 3, 5)]:
+        v = torch.rand(shape, generator=g).clamp(1e-4, 1 - 1e-4)                      # float32 in (0, 1)
+        cases.append((v, torch.from_numpy(-np.log(-np.log(v.double().numpy()))), 1e-4))
+    for v, r, tol in cases:
+        case = f"gumbel_from_uniform(u of shape {tuple(v.shape)}, dtype {v.dtype})"
+        out, (v_passed,) = _gumbel_call(fn, v)
+        expect(isinstance(out, torch.Tensor), f"{case} should return a tensor", 'torch.Tensor', type(out).__name__)
+        expect(torch.equal(v_passed, v), f"{case}: u must not be modified (no in-place ops on the input)", v, v_passed)
+        expect(out.dtype == v.dtype, f"{case}: keep u's dtype", v.dtype, out.dtype)
+        expect_close(out, r.to(v.dtype), f"{case}: -log(-log u) elementwise, for u = {v.flatten()[:4].tolist()}...",
+                     atol=tol, rtol=tol)
+        n += 1
+    u = torch.rand(100_000, generator=g, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+    out = fn(u.clone()).double()
+    expect(abs(out.mean().item() - 0.5772156649) < 0.015, "the mean of Gumbel(0, 1) noise is Euler's gamma",
+           0.5772, out.mean().item())
+    expect(abs(out.var().item() - math.pi ** 2 / 6) < 0.04, "the variance of Gumbel(0, 1) noise is pi^2/6",
+           math.pi ** 2 / 6, out.var().item())
+    n += 2
+    for x in (-1.0, 0.0, 1.0, 2.0, 4.0):
+        cdf = math.exp(-math.exp(-x))
+        expect(abs((out <= x).double().mean().item() - cdf) < 0.01, f"P(G <= {x}) should be exp(-exp(-{x}))",
+               cdf, (out <= x).double().mean().item())
+        n += 1
+    passed('gumbel_noise', n)
+
+def check_relaxed_sample(fn) -> None:
+    "Check `fn(logits, gumbels, tau, dim) -> softmax((logits + gumbels) / tau, dim)` on several shapes, dims, tau and dtypes."
+    g = torch.Generator().manual_seed(0)
+    cases = [((7,), -1, 1.0, torch.float32, 2.0), ((4, 6), -1, 0.5, torch.float32, 2.0), ((4, 6), 0, 2.0, torch.float32, 2.0),
+             ((2, 8, 3, 3), 1, 0.3, torch.float32, 2.0), ((3, 4, 5), -2, 1.5, torch.float32, 2.0),
+             ((5, 3), 1, 0.1, torch.float64, 2.0), ((3, 4), -1, 0.1, torch.float32, 50.0)]
+    n = 0
+    for shape, dim, tau, dtype, scale in cases:
+        logits = (torch.randn(shape, generator=g) * scale).to(dtype)
+        if scale == 50.0: logits = torch.sign(logits) * 50.0                            # +-50: exp((50 + g)/0.1) overflows
+        u = torch.rand(shape, generator=g, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+        gumbels = (-torch.log(-torch.log(u))).to(dtype)
+        z = (logits.double() + gumbels.double()) / tau                                    # reference in float64
+        e = torch.exp(z - z.amax(dim, keepdim=True))
+        ref = e / e.sum(dim, keepdim=True)
+        case = f"relaxed_sample(logits {tuple(shape)} {str(dtype)[6:]}, tau={tau}, dim={dim})" + (' with logits of +-50' if scale == 50.0 else '')
+        out, (l2, g2, _, _) = _gumbel_call(fn, logits, gumbels, tau, dim)
+        expect(isinstance(out, torch.Tensor), f"{case} should return a tensor", 'torch.Tensor', type(out).__name__)
+        expect(torch.equal(l2, logits) and torch.equal(g2, gumbels), f"{case}: logits and gumbels must not be modified",
+               'inputs unchanged', 'inputs modified in place')
+        expect(out.dtype == dtype, f"{case}: keep the logits' dtype", dtype, out.dtype)
+        expect(bool(torch.isfinite(out).all()), f"{case}: no inf or NaN (compute the softmax stably)", 'finite values', out)
+        expect_close(out, ref.to(dtype), f"{case}: softmax((logits + gumbels) / tau) along dim {dim}",
+                     atol=1e-6, rtol=1e-4)
+        n += 1
+    passed('relaxed_sample', n)
+
+def check_straight_through(fn) -> None:
+    "Check `fn(soft, dim)`: forward exactly one-hot of soft.argmax(dim), gradient equal to soft's, shape and dtype kept."
+    g = torch.Generator().manual_seed(0)
+    cases = [((6,), -1, torch.float32), ((4, 6), -1, torch.float32), ((4, 6), 0, torch.float32),
+             ((2, 5, 3, 3), 1, torch.float32), ((2, 4, 3), -2, torch.float32), ((3, 7), -1, torch.bfloat16)]
+    n = 0
+    for shape, dim, dtype in cases:
+        while True:  # logits whose top two probabilities differ in `dtype` (no ties for argmax)
+            x0 = torch.randn(shape, generator=g) * 2
+            top2 = torch.softmax(x0, dim).to(dtype).float().topk(2, dim).values
+            if (top2.select(dim, 0) > top2.select(dim, 1)).all(): break
+        w = torch.randn(shape, generator=g)
+        x = x0.clone().requires_grad_()
+        soft = torch.softmax(x, dim).to(dtype)                                          # (*shape) part of a graph
+        soft_before = soft.detach().clone()
+        case = f"st_one_hot(soft {tuple(shape)} {str(dtype)[6:]}, dim={dim})"
+        out = fn(soft, dim)
+        expect(isinstance(out, torch.Tensor), f"{case} should return a tensor", 'torch.Tensor', type(out).__name__)
+        expect(torch.equal(soft.detach(), soft_before), f"{case}: soft must not be modified", soft_before, soft.detach())
+        expect(tuple(out.shape) == tuple(shape), f"{case}: shape", tuple(shape), tuple(out.shape))
+        expect(out.dtype == dtype, f"{case}: keep soft's dtype", dtype, out.dtype)
+        idx = soft_before.float().argmax(dim)                                           # winners, dim removed
+        hard = torch.nn.functional.one_hot(idx, shape[dim]).movedim(-1, dim % len(shape)).to(dtype)
+        expect(torch.equal(out.detach(), hard), f"{case}: forward value is exactly the one-hot of soft.argmax({dim})",
+               hard, out.detach())
+        expect(out.requires_grad, f"{case}: the output must carry the soft sample's gradient (do not detach everything)",
+               'requires_grad=True', 'requires_grad=False')
+        (out.float() * w).sum().backward()
+        x2 = x0.clone().requires_grad_()
+        (torch.softmax(x2, dim).to(dtype).float() * w).sum().backward()                # the soft sample's gradient
+        expect(x.grad is not None, f"{case}: no gradient reached the logits", x2.grad, None)
+        expect_close(x.grad, x2.grad, f"{case}: gradient through the output equals the gradient through soft",
+                     atol=1e-6, rtol=1e-4)
+        n += 1
+    passed('straight_through', n)
+
+# %% ../nbs/91_checks.ipynb #91_checks-013
+def _dvae_cases(seed: int, shapes):
+    "Seeded float32 logits-like tensors for the dVAE checks."
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g) for s in shapes]
+
+def check_logit_laplace_nll(fn) -> None:
+    "Check `fn(x, mu, log_b) -> -ln f(x | mu, b)` elementwise for the logit-Laplace density, b = exp(log_b)."
+    g = torch.Generator().manual_seed(0); n = 0
+    for shape in [(5,), (2, 3, 4, 4), (1, 3, 2, 7)]:
+        x = 0.1 + 0.8 * torch.rand(shape, generator=g)            # mapped pixels, inside [ε, 1 − ε]
+        x.view(-1)[0], x.view(-1)[-1] = 0.1, 0.9                  # black and white pixels after the map
+        mu, log_b = 2 * torch.randn(shape, generator=g), 0.7 * torch.randn(shape, generator=g) - 0.5
+        ins = (x.clone(), mu.clone(), log_b.clone())
+        out = fn(*(t.clone() for t in ins))
+        case = f"ll_nll on inputs of shape {shape}"
+        expect(isinstance(out, torch.Tensor), f"{case} should return a torch tensor", 'torch.Tensor', type(out).__name__)
+        xd, md, bd = (t.double().numpy() for t in ins)
+        b = np.exp(bd)
+        ref = np.log(2 * b) + np.log(xd) + np.log(1 - xd) + np.abs(np.log(xd / (1 - xd)) - md) / b  # −ln f
+        expect_close(out, torch.from_numpy(ref), f"{case}: −ln f(x|μ,b) = ln(2b) + ln x + ln(1−x) + |logit x − μ|/b per element",
+                     atol=1e-4, rtol=1e-4)
+        n += 1
+    passed('logit_laplace_nll', n)
+
+def _ref_kl_positions(l: np.ndarray) -> np.ndarray:
+    "Reference KL(softmax ‖ uniform) over axis 1 of (B, K, h, w), float64, one position at a time."
+    B, K, h, w = l.shape; out = np.zeros((B, h, w))
+    for b in range(B):
+        for i in range(h):
+            for j in range(w):
+                v = l[b, :, i, j] - l[b, :, i, j].max(); p = np.exp(v) / np.exp(v).sum()
+                out[b, i, j] = sum(pk * np.log(pk * K) for pk in p if pk > 0)
+    return out
+
+def check_kl_to_uniform(fn) -> None:
+    "Check `fn(logits (B, K, h, w)) -> (B, h, w)` KL(softmax(logits) over dim 1 ‖ uniform) in nats."
+    n = 0
+    for (shape, scale, shift), l in zip([((2, 5, 3, 4), 1.0, 0.0), ((1, 7, 1, 1), 0.0, 0.0), ((3, 16, 2, 3), 4.0, 0.0),
+                                         ((2, 4, 2, 5), 3.0, 100.0)],
+                                        _dvae_cases(1, [(2, 5, 3, 4), (1, 7, 1, 1), (3, 16, 2, 3), (2, 4, 2, 5)])):
+        l = l * scale + shift
+        ref = _ref_kl_positions(l.double().numpy())
+        out = fn(l.clone())
+        case = f"kl_uniform(logits of shape {shape}, scale {scale}{', every logit + 100' if shift else ''})"
+        expect(isinstance(out, torch.Tensor), f"{case} should return a torch tensor", 'torch.Tensor', type(out).__name__)
+        expect_close(out, torch.from_numpy(ref), f"{case}: Σ_k q_k ln(K q_k) at each position, codes on dim 1"
+                     + (' (uniform logits give 0)' if scale == 0 else '') + (' (use a stable softmax)' if shift else ''),
+                     atol=1e-4, rtol=1e-4)
+        n += 1
+    passed('kl_to_uniform', n)
+
+def check_batch_usage_kl(fn) -> None:
+    "Check `fn(logits (B, K, h, w)) -> 0-dim` KL(q̄ ‖ uniform), q̄ = softmax over dim 1 averaged over batch and positions."
+    n = 0
+    shapes = [(4, 6, 3, 2), (2, 10, 1, 5), (8, 3, 2, 2), (3, 5, 2, 2)]
+    for (shape, scale), l in zip(zip(shapes, [1.0, 3.0, 5.0, 0.0]), _dvae_cases(2, shapes)):
+        l = l * scale
+        p = np.exp(l.double().numpy() - l.double().numpy().max(1, keepdims=True)); p /= p.sum(1, keepdims=True)
+        q = p.transpose(0, 2, 3, 1).reshape(-1, shape[1]).mean(0)          # (K,)
+        ref = float(sum(qk * np.log(qk * shape[1]) for qk in q if qk > 0))
+        out = fn(l.clone())
+        case = f"usage_kl(logits of shape {shape}, scale {scale})"
+        expect(isinstance(out, (torch.Tensor, float)), f"{case} should return a 0-dim tensor", 'torch.Tensor', type(out).__name__)
+        expect_close(out, torch.tensor(ref, dtype=torch.float64),
+                     f"{case}: average the probabilities over batch and positions first, then KL to uniform", atol=1e-5, rtol=1e-4)
+        n += 1
+    passed('batch_usage_kl', n)
+
+# %% ../nbs/91_checks.ipynb #91_checks-016
+def check_nearest_codes(fn) -> None:
+    "Check `fn(z (B, D, h, w), codebook (K, D)) -> (B, h, w) int64` picks the nearest codeword (squared L2) at every position."
+    g = torch.Generator().manual_seed(0); n = 0
+    for B, D, h, w, K in [(2, 3, 4, 5, 7), (1, 8, 3, 2, 16), (3, 4, 1, 6, 5), (2, 16, 5, 3, 64)]:
+        cb = torch.randn(K, D, generator=g) * torch.rand(K, 1, generator=g).mul(3).add(0.2)  # codewords of varied norms
+        z = torch.randn(B, D, h, w, generator=g) * 1.5
+        z[0, :, 0, 0] = cb[K - 1] + 0.01 * torch.randn(D, generator=g)                     # a vector on the last code
+        diff = z.double().permute(0, 2, 3, 1)[:, :, :, None, :] - cb.double()              # (B, h, w, K, D) by definition
+        ref_d = (diff ** 2).sum(-1)                                                        # (B, h, w, K) squared distances
+        ref = ref_d.argmin(-1)
+        case = f"nearest_code_grid(z of shape {(B, D, h, w)}, codebook of shape {(K, D)})"
+        out = fn(z.clone(), cb.clone())
+        expect(isinstance(out, torch.Tensor), f"{case} should return a tensor", 'torch.Tensor', type(out).__name__)
+        expect(tuple(out.shape) == (B, h, w), f"{case}: shape (B, h, w), channels first in, positions out", (B, h, w), tuple(out.shape))
+        expect(out.dtype == torch.int64, f"{case}: dtype int64 (code indices)", torch.int64, out.dtype)
+        expect(bool(((out >= 0) & (out < K)).all()), f"{case}: indices in [0, {K})", ref, out)
+        got_d = ref_d.gather(-1, out[..., None]).squeeze(-1)                               # distance of the chosen code
+        best = ref_d.min(-1).values
+        expect(bool((got_d <= best + 1e-5 * (1 + best)).all()), f"{case}: argmin over codes of ||z[b, :, y, x] - codebook[j]||^2", ref, out)
+        n += 1
+    passed('nearest_codes', n)
+
+def _grads(out, z, e, gout=None):
+    "Gradients of out (weighted by gout) w.r.t. z and e; zeros where out does not depend on them."
+    if not (isinstance(out, torch.Tensor) and out.requires_grad): return torch.zeros_like(z), torch.zeros_like(e)
+    gz, ge = torch.autograd.grad(out, (z, e), gout, retain_graph=True, allow_unused=True)
+    return (torch.zeros_like(z) if gz is None else gz), (torch.zeros_like(e) if ge is None else ge)
+
+def check_vq_straight_through(fn) -> None:
+    "Check `fn(z, e) -> (z_q, codebook_loss, commitment_loss)`: values and where each one's gradient goes."
+    g = torch.Generator().manual_seed(0); n = 0
+    for N, D in [(5, 3), (8, 4), (1, 16)]:
+        z0, e0 = torch.randn(N, D, generator=g), torch.randn(N, D, generator=g)
+        z, e = z0.clone().requires_grad_(), e0.clone().requires_grad_()
+        case = f"vq_straight_through(z, e of shape {(N, D)})"
+        out = fn(z, e)
+        expect(isinstance(out, (tuple, list)) and len(out) == 3, f"{case} should return (z_q, codebook_loss, commitment_loss)", 3, out)
+        zq, l2, l3 = out
+        expect(torch.equal(z.detach(), z0) and torch.equal(e.detach(), e0), f"{case}: leave z and e unchanged", (z0, e0), (z.detach(), e.detach()))
+        expect_close(zq.detach(), e0, f"{case}: z_q has the value of the codewords e", atol=1e-6, rtol=1e-6)
+        gq = torch.randn(N, D, generator=g)
+        gz, ge = _grads(zq, z, e, gq)
+        expect_close(gz, gq, f"{case}: the gradient arriving at z_q is copied to z unchanged (straight-through)", atol=1e-6, rtol=1e-6)
+        expect_close(ge, torch.zeros(N, D), f"{case}: z_q sends no gradient to e (the codebook learns from its own loss)", atol=1e-7, rtol=0)
+        mse = ((z0 - e0) ** 2).mean()
+        for name, loss, to_z in (('codebook_loss', l2, False), ('commitment_loss', l3, True)):
+            expect(isinstance(loss, torch.Tensor) and loss.ndim == 0, f"{case}: {name} is a 0-dim tensor", '0-dim tensor', loss)
+            expect_close(loss.detach(), mse, f"{case}: {name} = mean over all N*D entries of (z - e)^2", atol=1e-6, rtol=1e-5)
+            gz, ge = _grads(loss, z, e)
+            grad = 2 * (z0 - e0) / (N * D)                                                  # d mean((z - e)^2) / dz
+            expect_close(gz, grad if to_z else torch.zeros(N, D), f"{case}: gradient of {name} w.r.t. z "
+                         f"({'2(z - e)/(N D)' if to_z else 'none: sg[z]'})", atol=1e-6, rtol=1e-5)
+            expect_close(ge, torch.zeros(N, D) if to_z else -grad, f"{case}: gradient of {name} w.r.t. e "
+                         f"({'none: sg[e]' if to_z else '2(e - z)/(N D)'})", atol=1e-6, rtol=1e-5)
+        n += 1
+    passed('vq_straight_through', n)
+
+def check_ema_codebook_step(fn) -> None:
+    "Check `fn(N, m, z, idx, decay, eps) -> (N_new, m_new, codebook)`: the EMA equations with Laplace smoothing, inputs untouched."
+    g = torch.Generator().manual_seed(0); n_cases = 0
+    for K, D, n, decay, eps in [(6, 3, 40, 0.99, 1e-5), (10, 2, 25, 0.9, 1e-3), (4, 5, 100, 0.5, 1e-5)]:
+        N0 = torch.rand(K, generator=g) * 5 + 0.5
+        m0 = torch.randn(K, D, generator=g) * N0[:, None]
+        N0[K - 1], m0[K - 1] = 0.0, 0.0                                  # a code that was never used
+        N0[K - 2], m0[K - 2] = 1e-3, 1e-3 * torch.randn(D, generator=g)   # a code almost forgotten
+        z = torch.randn(n, D, generator=g)
+        idx = torch.randint(0, K - 2, (n,), generator=g)                  # the last two codes get no vector
+        ins = [t.clone() for t in (N0, m0, z, idx)]
+        case = f"ema_codebook_step(K={K}, D={D}, {n} vectors, decay={decay}, eps={eps})"
+        out = fn(*ins, decay, eps)
+        expect(isinstance(out, (tuple, list)) and len(out) == 3, f"{case} should return (N_new, m_new, codebook)", 3, out)
+        for a, b, name in zip(ins, (N0, m0, z, idx), ('N', 'm', 'z', 'idx')):
+            expect(torch.equal(a, b), f"{case}: the input {name} must stay unchanged (return new tensors)", b, a)
+        # reference, one code at a time, float64
+        Nr, mr = torch.zeros(K, dtype=torch.float64), torch.zeros(K, D, dtype=torch.float64)
+        for i in range(K):
+            members = [j for j in range(n) if int(idx[j]) == i]
+            s_i = sum((z[j].double() for j in members), torch.zeros(D, dtype=torch.float64))
+            Nr[i] = decay * float(N0[i]) + (1 - decay) * len(members)
+            mr[i] = decay * m0[i].double() + (1 - decay) * s_i
+        tot = float(Nr.sum())
+        er = torch.stack([mr[i] / ((float(Nr[i]) + eps) / (tot + K * eps) * tot) for i in range(K)])
+        N1, m1, e1 = out
+        expect_close(N1, Nr, f"{case}: N_new = decay*N + (1-decay)*n_i (n_i = vectors assigned to code i; unsmoothed)", atol=1e-5, rtol=1e-5)
+        expect_close(m1, mr, f"{case}: m_new = decay*m + (1-decay)*(sum of the vectors assigned to code i)", atol=1e-5, rtol=1e-5)
+        expect_close(e1, er, f"{case}: codebook = m_new / N~ with N~_i = (N_i + eps)/(sum N + K eps) * sum N", atol=1e-5, rtol=1e-4)
+        n_cases += 1
+    passed('ema_codebook_step', n_cases)

@@ -10,7 +10,7 @@ from pathlib import Path
 from .core import InputError
 
 # %% auto #0
-__all__ = ['PROG', 'run_data_mdmnist', 'run_exercises', 'build_parser', 'main']
+__all__ = ['PROG', 'run_data_mdmnist', 'run_train_tokenizer', 'run_bench_tokenizers', 'run_exercises', 'build_parser', 'main']
 
 # %% ../nbs/95_cli.ipynb #95_cli-004
 PROG = 'dalle-course'
@@ -33,6 +33,31 @@ def run_data_mdmnist(args) -> int:
                           mnist=args.mnist, overwrite=args.overwrite)
     print(f"wrote {stats['n']} {args.size}x{args.size} MD-MNIST {args.split} images to {stats['out']} "
           f"in {stats['seconds']:.2f} s ({stats['images_per_s']:.0f} images/s)")
+    return 0
+
+def run_train_tokenizer(args) -> int:
+    "Train an image tokenizer (stage 1) through the shared Learner."
+    from dalle_course.stage1 import train_tokenizer
+    res = train_tokenizer(args.kind, args.data, args.preset, out=args.out, test=args.test, resume=args.resume,
+                          steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every,
+                          device=args.device, seed=args.seed)
+    t, s = res['test'], res['summary']
+    print(f"{args.kind} ({args.preset}): {s['step']} steps in {s['seconds']:.1f} s ({s['samples_per_s']:.0f} images/s); "
+          f"test MSE {t['mse']:.5f}, PSNR {t['psnr']:.2f} dB, codebook usage {t['usage']:.1%}, "
+          f"perplexity {t['perplexity']:.1f} -> {args.out}")
+    return 0
+
+def run_bench_tokenizers(args) -> int:
+    "Train every stage-1 variant on the same data and compare them."
+    from dalle_course.mdmnist import MDMNIST
+    from dalle_course.stage1 import compare_tokenizers, comparison_table, save_comparison
+    if args.out.exists() and any(args.out.iterdir()):
+        raise InputError(f"{args.out} exists and is not empty; choose another --out")
+    test = MDMNIST(args.test) if args.test else None
+    runs = compare_tokenizers(args.data, test, args.preset, steps=args.steps, out=args.out / 'runs',
+                              batch_size=args.batch_size, eval_every=args.eval_every, device=args.device, seed=args.seed)
+    save_comparison(runs, next(iter(runs.values()))['test_data'], args.out)
+    print(comparison_table(runs)); print(f"tables and plots in {args.out}")
     return 0
 
 def run_exercises(args) -> int:
@@ -80,6 +105,51 @@ def build_parser() -> argparse.ArgumentParser:
                     help='folder with the full MNIST IDX files (default: the 5000 digits shipped in data/)')
     md.add_argument('--overwrite', action='store_true', help='replace a non-empty output folder')
     md.set_defaults(func=run_data_mdmnist)
+
+    tr = sub.add_parser('train', help='train a stage (tokenizer)', description='Train one stage of the pipeline '
+                        'through the shared training loop; every run folder can be resumed with --resume.')
+    tsub = tr.add_subparsers(dest='stage', metavar='STAGE', parser_class=_Parser); tsub.required = True
+    from dalle_course.stage1 import KINDS, PRESETS
+    tk = tsub.add_parser('tokenizer', formatter_class=argparse.RawDescriptionHelpFormatter,
+                         help='stage 1: a discrete image tokenizer (dVAE or VQ-VAE)',
+                         description="Train a discrete image tokenizer on an MD-MNIST folder (or any folder in the "
+                         "same format). Writes to --out: recipe.json, checkpoint.safetensors (for --resume), "
+                         "metrics.jsonl/png, tokenizer.safetensors (what the priors load), eval.json (test MSE, "
+                         "PSNR, codebook usage, perplexity), usage.png, codes.png, recon.png.\n\npresets:\n" +
+                         "\n".join(f"  {k:15s} {v['doc']} (kinds: {', '.join(v['kinds'])})" for k, v in PRESETS.items()))
+    tk.add_argument('--kind', required=True, choices=KINDS, help='tokenizer kind')
+    tk.add_argument('--data', type=Path, required=True, help='training images: an MD-MNIST folder')
+    tk.add_argument('--preset', default='tiny', choices=list(PRESETS), help='training recipe (see above; default: tiny)')
+    tk.add_argument('--out', type=Path, required=True, help='run folder')
+    tk.add_argument('--test', type=Path, default=None,
+                    help='test images for evaluation (default: the last 10%% of --data, at most 256, held out)')
+    tk.add_argument('--resume', action='store_true', help='continue the run in --out from its checkpoint')
+    tk.add_argument('--steps', type=_positive_int, default=None,
+                    help="training steps (default: the preset's; its ramps and milestones are scaled to match)")
+    tk.add_argument('--batch-size', type=_positive_int, default=None, help="batch size (default: the preset's)")
+    tk.add_argument('--eval-every', type=_positive_int, default=None, help='evaluate every N steps (default: 20 times per run)')
+    tk.add_argument('--device', default=None, help='cuda, mps or cpu (default: the best available)')
+    tk.add_argument('--seed', type=int, default=0, help='random seed')
+    tk.set_defaults(func=run_train_tokenizer)
+
+    be = sub.add_parser('bench', help='benchmarks that compare variants (tokenizers)',
+                        description='Train several variants on the same data and write comparison tables and plots.')
+    bsub = be.add_subparsers(dest='bench', metavar='WHAT', parser_class=_Parser); bsub.required = True
+    bt = bsub.add_parser('tokenizers', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                         help='every tokenizer kind plus the thesis ablations (no KL; VQ-VAE without its tricks)',
+                         description="Train the stage-1 comparison (DALL-E dVAE, thesis dVAE with and without KL, "
+                         "VQ-VAE plain / with separate codebook LR / EMA with k-means++ and restarts) on the same "
+                         "data and write comparison.md/json, usage.png (usage over training), codes.png and recon.png.")
+    bt.add_argument('--data', type=Path, required=True, help='training images: an MD-MNIST folder')
+    bt.add_argument('--test', type=Path, default=None, help='test images (default: a held-out part of --data)')
+    bt.add_argument('--preset', default='tiny', choices=list(PRESETS), help='training recipe for every variant')
+    bt.add_argument('--steps', type=_positive_int, default=None, help="steps per variant (default: the preset's)")
+    bt.add_argument('--batch-size', type=_positive_int, default=None, help="batch size (default: the preset's)")
+    bt.add_argument('--eval-every', type=_positive_int, default=None, help='usage-curve resolution in steps')
+    bt.add_argument('--out', type=Path, required=True, help='output folder (new or empty)')
+    bt.add_argument('--device', default=None, help='cuda, mps or cpu (default: the best available)')
+    bt.add_argument('--seed', type=int, default=0, help='random seed')
+    bt.set_defaults(func=run_bench_tokenizers)
 
     ex = sub.add_parser('exercises', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                         help='write learner copies of the notebooks (solutions removed)',

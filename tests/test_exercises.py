@@ -9,7 +9,8 @@ from dalle_course.exercises import BEGIN, END, strip_solutions, write_learner_co
 from dalle_course.core import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
-LESSONS_WITH_EXERCISES = {'02_mdmnist.ipynb': 2, '03_learner.ipynb': 2}  # lesson: minimum number of exercises
+LESSONS_WITH_EXERCISES = {'02_mdmnist.ipynb': 2, '03_learner.ipynb': 2, '10_gumbel.ipynb': 3, '12_dvae.ipynb': 3,
+                          '13_vqvae.ipynb': 3}  # lesson: minimum number of exercises
 
 
 def _code(nb):
