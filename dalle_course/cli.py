@@ -80,6 +80,22 @@ def _size(s: str) -> int:
     if s not in ('64', '128'): raise argparse.ArgumentTypeError(f"size {s!r} is not supported; use 64 or 128")
     return int(s)
 
+def _training_args(p: argparse.ArgumentParser, out_help: str):
+    "The options every training command shares (data, preset, run length, device)."
+    from dalle_course.stage1 import PRESETS
+    p.add_argument('--data', type=Path, required=True, help='training images: an MD-MNIST folder')
+    p.add_argument('--test', type=Path, default=None,
+                   help='test images for evaluation (default: the last 10%% of --data, at most 256, held out)')
+    p.add_argument('--preset', default='tiny', choices=list(PRESETS), help='training recipe (default: tiny)')
+    p.add_argument('--out', type=Path, required=True, help=out_help)
+    p.add_argument('--steps', type=_positive_int, default=None,
+                   help="training steps (default: the preset's; its ramps and milestones are scaled to match)")
+    p.add_argument('--batch-size', type=_positive_int, default=None, help="batch size (default: the preset's)")
+    p.add_argument('--eval-every', type=_positive_int, default=None,
+                   help='evaluate (and record codebook usage) every N steps (default: 20 times per run)')
+    p.add_argument('--device', default=None, help='cuda, mps or cpu (default: the best available)')
+    p.add_argument('--seed', type=int, default=0, help='random seed')
+
 def build_parser() -> argparse.ArgumentParser:
     "The `dalle-course` argument parser with all its subcommands."
     p = _Parser(prog=PROG, description="Train, sample and evaluate DALL-E-style text-to-image models with discrete "
@@ -118,18 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "PSNR, codebook usage, perplexity), usage.png, codes.png, recon.png.\n\npresets:\n" +
                          "\n".join(f"  {k:15s} {v['doc']} (kinds: {', '.join(v['kinds'])})" for k, v in PRESETS.items()))
     tk.add_argument('--kind', required=True, choices=KINDS, help='tokenizer kind')
-    tk.add_argument('--data', type=Path, required=True, help='training images: an MD-MNIST folder')
-    tk.add_argument('--preset', default='tiny', choices=list(PRESETS), help='training recipe (see above; default: tiny)')
-    tk.add_argument('--out', type=Path, required=True, help='run folder')
-    tk.add_argument('--test', type=Path, default=None,
-                    help='test images for evaluation (default: the last 10%% of --data, at most 256, held out)')
+    _training_args(tk, out_help='run folder')
     tk.add_argument('--resume', action='store_true', help='continue the run in --out from its checkpoint')
-    tk.add_argument('--steps', type=_positive_int, default=None,
-                    help="training steps (default: the preset's; its ramps and milestones are scaled to match)")
-    tk.add_argument('--batch-size', type=_positive_int, default=None, help="batch size (default: the preset's)")
-    tk.add_argument('--eval-every', type=_positive_int, default=None, help='evaluate every N steps (default: 20 times per run)')
-    tk.add_argument('--device', default=None, help='cuda, mps or cpu (default: the best available)')
-    tk.add_argument('--seed', type=int, default=0, help='random seed')
     tk.set_defaults(func=run_train_tokenizer)
 
     be = sub.add_parser('bench', help='benchmarks that compare variants (tokenizers)',
@@ -140,15 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Train the stage-1 comparison (DALL-E dVAE, thesis dVAE with and without KL, "
                          "VQ-VAE plain / with separate codebook LR / EMA with k-means++ and restarts) on the same "
                          "data and write comparison.md/json, usage.png (usage over training), codes.png and recon.png.")
-    bt.add_argument('--data', type=Path, required=True, help='training images: an MD-MNIST folder')
-    bt.add_argument('--test', type=Path, default=None, help='test images (default: a held-out part of --data)')
-    bt.add_argument('--preset', default='tiny', choices=list(PRESETS), help='training recipe for every variant')
-    bt.add_argument('--steps', type=_positive_int, default=None, help="steps per variant (default: the preset's)")
-    bt.add_argument('--batch-size', type=_positive_int, default=None, help="batch size (default: the preset's)")
-    bt.add_argument('--eval-every', type=_positive_int, default=None, help='usage-curve resolution in steps')
-    bt.add_argument('--out', type=Path, required=True, help='output folder (new or empty)')
-    bt.add_argument('--device', default=None, help='cuda, mps or cpu (default: the best available)')
-    bt.add_argument('--seed', type=int, default=0, help='random seed')
+    _training_args(bt, out_help='output folder (new or empty)')
     bt.set_defaults(func=run_bench_tokenizers)
 
     ex = sub.add_parser('exercises', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
