@@ -11,7 +11,9 @@ from .exercises import CheckFailure, expect, expect_close, passed
 # %% auto #0
 __all__ = ['check_colorize', 'check_slot_box', 'check_warmup_cosine_lr', 'check_ema_update', 'check_gumbel_noise',
            'check_relaxed_sample', 'check_straight_through', 'check_logit_laplace_nll', 'check_kl_to_uniform',
-           'check_batch_usage_kl', 'check_nearest_codes', 'check_vq_straight_through', 'check_ema_codebook_step']
+           'check_batch_usage_kl', 'check_nearest_codes', 'check_vq_straight_through', 'check_ema_codebook_step',
+           'check_words', 'check_pair_counts', 'check_merge_pair', 'check_causal_mask', 'check_row_mask',
+           'check_pad_lookup']
 
 # %% ../nbs/91_checks.ipynb #91_checks-004
 def check_colorize(fn) -> None:
@@ -368,3 +370,120 @@ def check_ema_codebook_step(fn) -> None:
         expect_close(e1, er, f"{case}: codebook = m_new / N~ with N~_i = (N_i + eps)/(sum N + K eps) * sum N", atol=1e-5, rtol=1e-4)
         n_cases += 1
     passed('ema_codebook_step', n_cases)
+
+# %% ../nbs/91_checks.ipynb #91_checks-019
+def _ref_words(text: str) -> list:
+    "Runs of word characters (letters, digits, underscore), lower-cased: a hand-written \\b\\w+\\b."
+    out, cur = [], ''
+    for ch in text.lower():
+        if ch.isalnum() or ch == '_': cur += ch
+        else:
+            if cur: out.append(cur)
+            cur = ''
+    return out + ([cur] if cur else [])
+
+def check_words(fn) -> None:
+    "Check `fn(text) -> list[str]`: lower-case, then every match of \\b\\w+\\b in order."
+    import random
+    r = random.Random(0)
+    cases = ['A small, RED bird_2!', '', '   ', "This bird's wing-bars are 20cm.", 'ÉCLAIR über naïve', 'a__b  c\td\ne',
+             '...!?', 'x']
+    alphabet = 'abcXYZ019_ .,!?-\'é\t'
+    cases += [''.join(r.choice(alphabet) for _ in range(r.randint(0, 30))) for _ in range(40)]
+    for t in cases:
+        ref, out = _ref_words(t), fn(t)
+        expect(isinstance(out, list) and all(isinstance(w, str) for w in out), f"words({t!r}) should return a list of strings", ref, out)
+        expect(out == ref, f"words({t!r}): lower-cased matches of \\b\\w+\\b, in order", ref, out)
+    passed('words', len(cases))
+
+def check_pair_counts(fn) -> None:
+    "Check `fn({word tuple: freq}) -> {(a, b): count}`: every adjacent pair, weighted by the word's frequency."
+    import random
+    r = random.Random(0)
+    cases = [{('a', 'b', 'a', 'b'): 2, ('b', 'a'): 1}, {}, {('x',): 5}, {('a', 'a', 'a'): 3},
+             {('l', 'o', 'w', '</w>'): 5, ('l', 'o', 'w', 'e', 'r', '</w>'): 2, ('n', 'e', 'w', 'e', 's', 't', '</w>'): 6}]
+    for _ in range(30):
+        syms = ['a', 'b', 'c', 'ab', 'bc', '</w>']
+        cases.append({tuple(r.choice(syms) for _ in range(r.randint(1, 7))): r.randint(1, 9) for _ in range(r.randint(1, 6))})
+    for wf in cases:
+        ref = {}
+        for w, f in wf.items():
+            for i in range(len(w) - 1): ref[(w[i], w[i + 1])] = ref.get((w[i], w[i + 1]), 0) + f
+        out = fn({tuple(w): f for w, f in wf.items()})
+        expect(hasattr(out, 'items'), f"pair_counts({wf}) should return a dict", ref, out)
+        got = {tuple(k): int(v) for k, v in out.items() if v}
+        expect(got == ref, f"pair_counts({wf}): each adjacent pair counted once per occurrence, times the word's frequency", ref, got)
+    passed('pair_counts', len(cases))
+
+def check_merge_pair(fn) -> None:
+    "Check `fn(symbols, pair) -> list`: non-overlapping occurrences of `pair`, left to right, joined; input unchanged."
+    import random
+    r = random.Random(0)
+    cases = [(['a', 'a', 'a'], ('a', 'a')), (['a', 'a', 'a', 'a'], ('a', 'a')), (['ab', 'c'], ('b', 'c')),
+             (['l', 'o', 'w', '</w>'], ('w', '</w>')), (['x'], ('x', 'y')), ([], ('a', 'b')),
+             (['a', 'b', 'c', 'a', 'b'], ('a', 'b')), (['a', 'bc', 'a', 'b', 'c'], ('a', 'bc'))]
+    for _ in range(40):
+        syms = ['a', 'b', 'c', 'ab', 'bc']
+        cases.append(([r.choice(syms) for _ in range(r.randint(0, 9))], (r.choice(syms), r.choice(syms))))
+    for s, pair in cases:
+        ref, i = [], 0
+        while i < len(s):   # reference: scan left to right
+            if i < len(s) - 1 and s[i] == pair[0] and s[i + 1] == pair[1]: ref.append(pair[0] + pair[1]); i += 2
+            else: ref.append(s[i]); i += 1
+        arg = list(s)
+        out = fn(arg, tuple(pair))
+        expect(arg == s, f"merge_pair({s}, {pair}) must not change its input list", s, arg)
+        expect(isinstance(out, (list, tuple)), f"merge_pair({s}, {pair}) should return a list", ref, out)
+        expect(list(out) == ref, f"merge_pair({s}, {pair}): every non-overlapping occurrence, left to right, joined", ref, list(out))
+    passed('merge_pair', len(cases))
+
+# %% ../nbs/91_checks.ipynb #91_checks-022
+def _bool_mask_case(out, ref, case) -> None:
+    "Compare a learner's boolean mask with the reference: a bool tensor of the same shape and entries."
+    expect(isinstance(out, torch.Tensor), f'{case}: returns a tensor', 'torch.Tensor', type(out))
+    expect(out.dtype == torch.bool, f'{case}: dtype (True = may attend)', torch.bool, out.dtype)
+    expect(tuple(out.shape) == tuple(ref.shape), f'{case}: shape', tuple(ref.shape), tuple(out.shape))
+    wrong = (out.cpu() != ref).nonzero().tolist()
+    expect(not wrong, f'{case}: entries [query, key] that differ (first 5: {wrong[:5]})', ref.int(), out.cpu().int())
+
+def check_causal_mask(fn) -> None:
+    "Check `fn(n) -> (n, n) bool`, True exactly where key j <= query i."
+    n_cases = 0
+    for n in [1, 2, 5, 8]:
+        ref = torch.zeros(n, n, dtype=torch.bool)
+        for i in range(n):
+            for j in range(n): ref[i, j] = j <= i  # brute force over (i, j)
+        _bool_mask_case(fn(n), ref, f'causal mask n={n}'); n_cases += 1
+    passed('causal_mask', n_cases)
+
+def check_row_mask(fn) -> None:
+    "Check `fn(text_len, h, w) -> (T, T) bool` row mask: text causal, image sees text, image token p sees q in [p-w, p]."
+    n_cases = 0
+    for L, h, w in [(4, 4, 4), (0, 3, 3), (2, 3, 5), (3, 4, 2), (1, 1, 1)]:
+        T = L + h * w
+        ref = torch.zeros(T, T, dtype=torch.bool)
+        for i in range(T):
+            for j in range(i + 1):  # keys j <= i only
+                ref[i, j] = i < L or j < L or (i - L) - (j - L) <= w
+        _bool_mask_case(fn(L, h, w), ref, f'row mask text_len={L}, h={h}, w={w}'); n_cases += 1
+    passed('row_mask', n_cases)
+
+def check_pad_lookup(fn) -> None:
+    "Check `fn(ids (B, L), tok_weight (V, D), pad_weight (L_max, D), pad_id) -> (B, L, D)`, pads taking pad_weight[t]."
+    g = torch.Generator().manual_seed(0)
+    n_cases = 0
+    for B, L, L_max, V, D, pad_id in [(2, 6, 6, 10, 4, 0), (3, 5, 8, 7, 3, 6), (1, 4, 4, 5, 2, 1)]:
+        tok, pad = torch.randn(V, D, generator=g), torch.randn(L_max, D, generator=g)
+        ids = torch.randint(0, V, (B, L), generator=g)
+        ids[0, 2:] = pad_id; ids[-1, 1] = pad_id  # trailing pads from position 2 and a pad in the middle
+        if B > 1: ids[1] = (ids[1] + 1) % V; ids[1][ids[1] == pad_id] = (pad_id + 1) % V  # a row without pads
+        ref = torch.empty(B, L, D)
+        for b in range(B):
+            for t in range(L): ref[b, t] = pad[t] if ids[b, t] == pad_id else tok[ids[b, t]]
+        args = ids.clone(), tok.clone(), pad.clone()
+        out = fn(*args, pad_id)
+        expect_close(out, ref, f'pad lookup B={B}, L={L}, pad_id={pad_id}', atol=0, rtol=0)
+        expect(all(torch.equal(a, x) for a, x in zip(args, (ids, tok, pad))), f'pad lookup B={B}, L={L}: inputs unchanged',
+               'ids, tok_weight, pad_weight untouched', 'an input was modified')
+        n_cases += 1
+    passed('pad_lookup', n_cases)

@@ -196,3 +196,25 @@ def test_bench_tokenizers_cli(data, tmp_path):
     assert plain.kind == 'vqvae' and plain.config['bn'] is False and plain.config['kmeans_init'] is False
     for f in ('usage.png', 'codes.png', 'recon.png'): assert (out / f).is_file()
     _one_line_error(cli('bench', 'tokenizers', '--data', data / 'train', '--out', out), 'not empty')
+
+
+@pytest.mark.parametrize('preset', [p for p in PRESETS if p != 'tiny'])
+def test_every_full_size_preset_builds(preset):
+    "The GPU/thesis presets are never trained in CI; at least their models build with the tables' sizes."
+    from dalle_course.stage1 import build_tokenizer
+    for kind in PRESETS[preset]['kinds']:
+        size = PRESETS[preset]['image_size']
+        model = build_tokenizer(resolve_recipe(kind, preset, image_size=size, n_train=1000))
+        assert model.kind == kind and model.grid == (size // 4, size // 4) and model.vocab_size == 512
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_gpu_preset_computes_a_finite_loss(kind):
+    from dalle_course.stage1 import build_tokenizer, tokenizer_hparams, tokenizer_loss
+    torch.manual_seed(0)
+    r = resolve_recipe(kind, 'gpu-mdmnist', image_size=128, n_train=1000)
+    model = build_tokenizer(r).train()
+    hp = {k: s(0) for k, s in tokenizer_hparams(r).items()}
+    loss, logs = tokenizer_loss(kind)(model, {'image': torch.rand(1, 3, 128, 128)}, hp)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
