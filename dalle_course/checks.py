@@ -13,7 +13,7 @@ __all__ = ['check_colorize', 'check_slot_box', 'check_warmup_cosine_lr', 'check_
            'check_relaxed_sample', 'check_straight_through', 'check_logit_laplace_nll', 'check_kl_to_uniform',
            'check_batch_usage_kl', 'check_nearest_codes', 'check_vq_straight_through', 'check_ema_codebook_step',
            'check_words', 'check_pair_counts', 'check_merge_pair', 'check_causal_mask', 'check_row_mask',
-           'check_pad_lookup']
+           'check_pad_lookup', 'check_attention', 'check_image_positions', 'check_decode_step']
 
 # %% ../nbs/91_checks.ipynb #91_checks-004
 def check_colorize(fn) -> None:
@@ -487,3 +487,74 @@ def check_pad_lookup(fn) -> None:
                'ids, tok_weight, pad_weight untouched', 'an input was modified')
         n_cases += 1
     passed('pad_lookup', n_cases)
+
+# %% ../nbs/91_checks.ipynb #91_checks-025
+def _attn_reference(q, k, v, mask):
+    "softmax(QK^T/sqrt(d)) V over allowed keys, one query row at a time (float64 loops)."
+    B, H, T, d = q.shape
+    out = torch.empty(B, H, T, v.shape[-1], dtype=torch.float64)
+    for i in range(T):
+        keys = mask[i].nonzero().flatten()  # allowed keys of query i
+        s = (q[:, :, i:i + 1].double() @ k[:, :, keys].double().transpose(-2, -1)) / d ** 0.5  # (B, H, 1, n_keys)
+        out[:, :, i] = (s.softmax(-1) @ v[:, :, keys].double())[:, :, 0]
+    return out
+
+def check_attention(fn) -> None:
+    "Check `fn(q, k, v, mask) -> (B, H, T, d)`: softmax(QK^T/sqrt(d) + B) V with B = -inf where the bool mask is False."
+    g = torch.Generator().manual_seed(0)
+    n_cases = 0
+    for B, H, T, d, kind in [(2, 3, 6, 4, 'causal'), (1, 2, 9, 8, 'row'), (2, 1, 7, 16, 'sparse'), (1, 2, 5, 2, 'full')]:
+        q, k, v = (torch.randn(B, H, T, d, generator=g) * 2 for _ in range(3))  # scale 2: a missing sqrt(d) shows
+        i = torch.arange(T)
+        causal = i[None, :] <= i[:, None]
+        mask = {'causal': causal, 'row': causal & (i[None, :] > i[:, None] - 3), 'full': torch.ones(T, T, dtype=torch.bool),
+                'sparse': causal & ((i[:, None] - i[None, :]) % 2 == 0)}[kind]
+        args = q.clone(), k.clone(), v.clone(), mask.clone()
+        out = fn(*args)
+        expect_close(out, _attn_reference(q, k, v, mask), f'attention B={B}, H={H}, T={T}, d={d}, {kind} mask', atol=1e-4, rtol=1e-4)
+        expect(all(torch.equal(a, x) for a, x in zip(args, (q, k, v, mask))), f'attention {kind}: inputs unchanged',
+               'q, k, v, mask untouched', 'an input was modified')
+        n_cases += 1
+    passed('attention', n_cases)
+
+def check_image_positions(fn) -> None:
+    "Check `fn(row_emb (h, D), col_emb (w, D)) -> (h*w, D)`, raster row p = i*w + j equal to row_emb[i] + col_emb[j]."
+    g = torch.Generator().manual_seed(0)
+    n_cases = 0
+    for h, w, D in [(3, 5, 4), (4, 4, 8), (2, 3, 1), (1, 6, 3)]:
+        row, col = torch.randn(h, D, generator=g), torch.randn(w, D, generator=g)
+        ref = torch.empty(h * w, D)
+        for i in range(h):
+            for j in range(w): ref[i * w + j] = row[i] + col[j]
+        expect_close(fn(row.clone(), col.clone()), ref, f'image positions h={h}, w={w}, D={D}', atol=1e-6, rtol=1e-6)
+        n_cases += 1
+    passed('image_positions', n_cases)
+
+def check_decode_step(fn) -> None:
+    "Check `fn(past_k, past_v, q, k, v) -> (out (B,H,1,d), new_k, new_v (B,H,T+1,d))`: append, then attend over all keys."
+    g = torch.Generator().manual_seed(0)
+    n_cases = 0
+    for B, H, T, d in [(2, 2, 5, 4), (1, 3, 0, 8), (1, 1, 3, 2), (2, 2, 1, 16)]:
+        pk, pv = torch.randn(B, H, T, d, generator=g) * 2, torch.randn(B, H, T, d, generator=g)
+        q, k, v = torch.randn(B, H, 1, d, generator=g) * 2, torch.randn(B, H, 1, d, generator=g) * 2, torch.randn(B, H, 1, d, generator=g)
+        args = pk.clone(), pv.clone(), q.clone(), k.clone(), v.clone()
+        res = fn(*args)
+        case = f'decode step B={B}, H={H}, T_past={T}, d={d}'
+        expect(isinstance(res, tuple) and len(res) == 3, f'{case}: returns (out, new_k, new_v)', 'a tuple of 3 tensors', type(res))
+        out, nk, nv = res
+        ref_k, ref_v = torch.zeros(B, H, T + 1, d), torch.zeros(B, H, T + 1, d)
+        for t in range(T): ref_k[:, :, t], ref_v[:, :, t] = pk[:, :, t], pv[:, :, t]
+        ref_k[:, :, T], ref_v[:, :, T] = k[:, :, 0], v[:, :, 0]  # the new token last
+        expect_close(nk, ref_k, f'{case}: new_k (past keys, then the new key)', atol=0, rtol=0)
+        expect_close(nv, ref_v, f'{case}: new_v (past values, then the new value)', atol=0, rtol=0)
+        ref = torch.empty(B, H, 1, d)
+        for b in range(B):
+            for hh in range(H):
+                s = torch.tensor([float(q[b, hh, 0] @ ref_k[b, hh, t]) / d ** 0.5 for t in range(T + 1)])
+                p = s.exp() / s.exp().sum()
+                ref[b, hh, 0] = (p[:, None] * ref_v[b, hh]).sum(0)
+        expect_close(out, ref, f'{case}: output of the new query', atol=1e-5, rtol=1e-4)
+        expect(all(torch.equal(a, x) for a, x in zip(args, (pk, pv, q, k, v))), f'{case}: inputs unchanged',
+               'past_k, past_v, q, k, v untouched', 'an input was modified')
+        n_cases += 1
+    passed('decode_step', n_cases)
