@@ -13,7 +13,8 @@ __all__ = ['check_colorize', 'check_slot_box', 'check_warmup_cosine_lr', 'check_
            'check_relaxed_sample', 'check_straight_through', 'check_logit_laplace_nll', 'check_kl_to_uniform',
            'check_batch_usage_kl', 'check_nearest_codes', 'check_vq_straight_through', 'check_ema_codebook_step',
            'check_words', 'check_pair_counts', 'check_merge_pair', 'check_causal_mask', 'check_row_mask',
-           'check_pad_lookup', 'check_attention', 'check_image_positions', 'check_decode_step']
+           'check_pad_lookup', 'check_attention', 'check_image_positions', 'check_decode_step', 'check_joint_shift',
+           'check_prior_loss', 'check_null_text']
 
 # %% ../nbs/91_checks.ipynb #91_checks-004
 def check_colorize(fn) -> None:
@@ -558,3 +559,60 @@ def check_decode_step(fn) -> None:
                'past_k, past_v, q, k, v untouched', 'an input was modified')
         n_cases += 1
     passed('decode_step', n_cases)
+
+# %% ../nbs/91_checks.ipynb #91_checks-028
+def check_joint_shift(fn) -> None:
+    "Check `fn(text (B, L), image (B, N)) -> (inputs (B, L+N-1), text_targets (B, L-1), image_targets (B, N))`."
+    g = torch.Generator().manual_seed(0)
+    n_cases = 0
+    for B, L, N in [(2, 4, 6), (1, 12, 64), (3, 2, 1), (2, 5, 9)]:
+        text, image = torch.randint(0, 20, (B, L), generator=g), torch.randint(100, 164, (B, N), generator=g)
+        out = fn(text.clone(), image.clone())
+        expect(isinstance(out, (tuple, list)) and len(out) == 3, f'joint shift B={B}, L={L}, N={N}: returns 3 tensors',
+               '(inputs, text_targets, image_targets)', type(out))
+        inp = torch.empty(B, L + N - 1, dtype=torch.long)  # position p holds token p of [text; image]
+        for p in range(L + N - 1): inp[:, p] = text[:, p] if p < L else image[:, p - L]
+        tt = torch.stack([text[:, t + 1] for t in range(L - 1)], 1) if L > 1 else torch.empty(B, 0, dtype=torch.long)
+        for name, a, e in [('inputs', out[0], inp), ('text targets', out[1], tt), ('image targets', out[2], image)]:
+            expect_close(a, e, f'joint shift B={B}, L={L}, N={N}: {name}', atol=0, rtol=0)
+        n_cases += 1
+    passed('joint_shift', n_cases)
+
+def check_prior_loss(fn) -> None:
+    "Check `fn(text_logits, image_logits, text, image, pad_id, w_text, w_img)` = w_text·CE_text (non-pad) + w_img·CE_img."
+    g = torch.Generator().manual_seed(0)
+    n_cases = 0
+    for B, L, V, N, K, pad, wt, wi in [(2, 5, 7, 6, 9, 0, 1 / 8, 7 / 8), (3, 4, 5, 4, 4, 2, 1 / 8, 7 / 8),
+                                       (1, 6, 6, 3, 5, 0, 0.5, 0.25), (2, 3, 4, 8, 3, 1, 1 / 8, 7 / 8)]:
+        tl, il = torch.randn(B, L - 1, V, generator=g) * 2, torch.randn(B, N, K, generator=g) * 2
+        text, image = torch.randint(0, V, (B, L), generator=g), torch.randint(0, K, (B, N), generator=g)
+        text[0, -2:] = pad; text[-1, 1] = (pad + 1) % V  # some pads, and at least one real target
+        nll_t, n_t = 0.0, 0  # float64 loops: -log softmax at the target
+        for b in range(B):
+            for t in range(L - 1):
+                y = int(text[b, t + 1])
+                if y == pad: continue
+                nll_t -= float(tl[b, t].double().log_softmax(-1)[y]); n_t += 1
+        nll_i = -sum(float(il[b, i].double().log_softmax(-1)[int(image[b, i])]) for b in range(B) for i in range(N)) / (B * N)
+        ref = wt * nll_t / n_t + wi * nll_i
+        out = fn(tl.clone(), il.clone(), text.clone(), image.clone(), pad, wt, wi)
+        expect_close(torch.as_tensor(out).reshape(()), torch.tensor(ref), f'prior loss B={B}, L={L}, N={N}, pad_id={pad}, w=({wt}, {wi})', atol=1e-4, rtol=1e-4)
+        n_cases += 1
+    passed('prior_loss', n_cases)
+
+def check_null_text(fn) -> None:
+    "Check `fn(text (B, L), drop (B,) bool, pad_id) -> (B, L)`: dropped rows all pad_id, others unchanged, input untouched."
+    g = torch.Generator().manual_seed(0)
+    n_cases = 0
+    for B, L, pad in [(4, 6, 0), (5, 12, 3), (1, 3, 0), (3, 4, 7)]:
+        text = torch.randint(0, 10, (B, L), generator=g)
+        for drop in [torch.rand(B, generator=g) < 0.5, torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]:
+            t0 = text.clone()
+            ref = text.clone()
+            for b in range(B):
+                if drop[b]: ref[b] = pad
+            out = fn(t0, drop.clone(), pad)
+            expect_close(out, ref, f'null text B={B}, L={L}, pad_id={pad}, drop={drop.tolist()}', atol=0, rtol=0)
+            expect(torch.equal(t0, text), f'null text pad_id={pad}: the input text is unchanged', text, t0)
+            n_cases += 1
+    passed('null_text', n_cases)
