@@ -14,7 +14,7 @@ __all__ = ['check_colorize', 'check_slot_box', 'check_warmup_cosine_lr', 'check_
            'check_batch_usage_kl', 'check_nearest_codes', 'check_vq_straight_through', 'check_ema_codebook_step',
            'check_words', 'check_pair_counts', 'check_merge_pair', 'check_causal_mask', 'check_row_mask',
            'check_pad_lookup', 'check_attention', 'check_image_positions', 'check_decode_step', 'check_joint_shift',
-           'check_prior_loss', 'check_null_text']
+           'check_prior_loss', 'check_null_text', 'check_top_k', 'check_top_p', 'check_guide']
 
 # %% ../nbs/91_checks.ipynb #91_checks-004
 def check_colorize(fn) -> None:
@@ -616,3 +616,62 @@ def check_null_text(fn) -> None:
             expect(torch.equal(t0, text), f'null text pad_id={pad}: the input text is unchanged', text, t0)
             n_cases += 1
     passed('null_text', n_cases)
+
+# %% ../nbs/91_checks.ipynb #91_checks-031
+def _distinct_logits(g: torch.Generator, B: int, K: int, scale: float = 2.0) -> torch.Tensor:
+    "Float (B, K) logits with distinct values in every row (random order), so top-k and top-p have no ties."
+    base = torch.arange(K, dtype=torch.float32) * scale / K + torch.rand(K, generator=g) * scale / (4 * K)
+    return torch.stack([base[torch.randperm(K, generator=g)] * (1 + b) for b in range(B)]) - 1.0
+
+def _check_filter(fn, name: str, cases, ref_keep) -> None:
+    "Shared loop of the top-k and top-p checks: `ref_keep(row list, arg)` -> set of kept indices."
+    g = torch.Generator().manual_seed(0)
+    n_cases = 0
+    for B, K, arg in cases:
+        logits = _distinct_logits(g, B, K)
+        ref = torch.full((B, K), float('-inf'))
+        for b in range(B):
+            for j in ref_keep(logits[b].tolist(), arg): ref[b, j] = logits[b, j]
+        x = logits.clone()
+        out = fn(x, arg)
+        expect(torch.equal(x, logits), f'{name} B={B}, K={K}, arg={arg}: the input logits are unchanged', logits, x)
+        expect_close(out, ref, f'{name} B={B}, K={K}, arg={arg}', atol=1e-6, rtol=1e-6)
+        n_cases += 1
+    passed(name, n_cases)
+
+def _ref_top_k(row: list, k: int) -> list:
+    return sorted(range(len(row)), key=lambda j: -row[j])[:k]
+
+def _ref_top_p(row: list, p: float) -> list:
+    order = sorted(range(len(row)), key=lambda j: -row[j])
+    mx = max(row); e = [np.exp(row[j] - mx) for j in order]; s = sum(e)
+    keep, mass = [], 0.0
+    for j, x in zip(order, e):
+        if mass < p: keep.append(j)
+        mass += x / s
+    return keep
+
+def check_top_k(fn) -> None:
+    "Check `fn(logits (B, K), k) -> (B, K)`: the k largest logits of each row kept, the rest -inf, input untouched."
+    _check_filter(fn, 'top_k', [(2, 10, 3), (3, 7, 1), (1, 5, 5), (4, 64, 16), (2, 9, 8)], _ref_top_k)
+
+def check_top_p(fn) -> None:
+    "Check `fn(logits (B, K), p) -> (B, K)`: tokens whose preceding sorted mass is below p kept, the rest -inf."
+    _check_filter(fn, 'top_p', [(2, 10, 0.5), (3, 7, 0.9), (2, 5, 1.0), (4, 64, 0.3), (2, 9, 1e-4), (3, 12, 0.75)],
+                  _ref_top_p)
+
+def check_guide(fn) -> None:
+    "Check `fn(logits (2B, K) = [cond; uncond], scale) -> (B, K)` = uncond + scale * (cond - uncond)."
+    g = torch.Generator().manual_seed(0)
+    n_cases = 0
+    for B, K, s in [(2, 5, 3.0), (1, 4, 0.0), (3, 6, 1.0), (2, 8, 7.5), (4, 3, -1.0)]:
+        logits = torch.randn(2 * B, K, generator=g) * 2
+        ref = torch.empty(B, K)
+        for b in range(B):
+            for k in range(K): ref[b, k] = logits[B + b, k] + s * (logits[b, k] - logits[B + b, k])
+        x = logits.clone()
+        out = fn(x, s)
+        expect(torch.equal(x, logits), f'guide B={B}, scale={s}: the input logits are unchanged', logits, x)
+        expect_close(out, ref, f'guide B={B}, K={K}, scale={s}', atol=1e-5, rtol=1e-5)
+        n_cases += 1
+    passed('guide', n_cases)
