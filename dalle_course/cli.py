@@ -10,7 +10,8 @@ from pathlib import Path
 from .core import InputError
 
 # %% auto #0
-__all__ = ['PROG', 'run_data_mdmnist', 'run_train_tokenizer', 'run_bench_tokenizers', 'run_exercises', 'build_parser', 'main']
+__all__ = ['PROG', 'run_data_mdmnist', 'run_train_tokenizer', 'run_train_prior', 'run_sample', 'run_demo', 'run_bench_tokenizers',
+           'run_exercises', 'build_parser', 'main']
 
 # %% ../nbs/95_cli.ipynb #95_cli-004
 PROG = 'dalle-course'
@@ -47,6 +48,51 @@ def run_train_tokenizer(args) -> int:
           f"perplexity {t['perplexity']:.1f} -> {args.out}")
     return 0
 
+def run_train_prior(args) -> int:
+    "Train a text-to-image-token prior (stage 2) on the tokens of a trained tokenizer."
+    from dalle_course.stage2 import train_prior
+    res = train_prior(args.arch, args.tokenizer, args.data, args.preset, out=args.out, test=args.test,
+                      resume=args.resume, steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every,
+                      device=args.device, seed=args.seed)
+    e, s = res['eval'], res['summary']
+    print(f"{args.arch} prior ({args.preset}): {s['step']} steps in {s['seconds']:.1f} s "
+          f"({e['train_tokens_per_s']:.0f} tokens/s); teacher-forced CE on {e['n_test']} test images "
+          f"{e['teacher_forced_ce']:.4f} nats/token -> {args.out}")
+    return 0
+
+def _read_prompts(args) -> list[str]:
+    if args.prompts is not None:
+        if not args.prompts.is_file(): raise InputError(f"no prompts file at {args.prompts}; pass a text file with one description per line")
+        return [l.strip() for l in args.prompts.read_text().splitlines() if l.strip()]
+    return [args.prompt]
+
+def run_sample(args) -> int:
+    "Sample images for prompts from a trained prior and save a captioned grid."
+    from dalle_course.stage2 import load_prior_run, sample_figure
+    prompts = _read_prompts(args)
+    if args.out.suffix.lower() not in ('.png', '.jpg', '.jpeg', '.pdf', '.svg'):
+        raise InputError(f"--out {args.out} must be an image file name such as grid.png")
+    prior, itok, ttok = load_prior_run(args.prior, args.device)
+    t0 = time.time()
+    fig, images = sample_figure(prior, itok, ttok, prompts, n=args.n, seed=args.seed, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, guidance=args.guidance,
+                                batch_size=args.batch_size, show_progress=True)
+    secs = time.time() - t0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=100)
+    print(f"{len(images)} images for {len(prompts)} prompt{'s' if len(prompts) > 1 else ''} in {secs:.1f} s "
+          f"({len(images) / secs:.1f} images/s) -> {args.out}")
+    return 0
+
+def run_demo(args) -> int:
+    "The whole pipeline, small: data, tokenizer, prior, samples, report."
+    from dalle_course.demo import run_demo as demo
+    rep = demo(args.out, preset=args.preset, device=args.device, seed=args.seed, overwrite=args.overwrite)
+    m = rep['metrics']
+    print(f"demo ({args.preset}) finished in {m['seconds_total']:.0f} s: tokenizer PSNR {m['tokenizer']['psnr']:.2f} dB, "
+          f"prior teacher-forced CE {m['prior']['teacher_forced_ce']:.4f} nats/token; report in {rep['report']}")
+    return 0
+
 def run_bench_tokenizers(args) -> int:
     "Train every stage-1 variant on the same data and compare them."
     from dalle_course.mdmnist import MDMNIST
@@ -80,19 +126,21 @@ def _size(s: str) -> int:
     if s not in ('64', '128'): raise argparse.ArgumentTypeError(f"size {s!r} is not supported; use 64 or 128")
     return int(s)
 
-def _training_args(p: argparse.ArgumentParser, out_help: str):
+def _presets_help(presets: dict, extra=lambda v: '') -> str:
+    return "\n\npresets:\n" + "\n".join(f"  {k:15s} {v['doc']}{extra(v)}" for k, v in presets.items())
+
+def _training_args(p: argparse.ArgumentParser, out_help: str, presets: dict):
     "The options every training command shares (data, preset, run length, device)."
-    from dalle_course.stage1 import PRESETS
     p.add_argument('--data', type=Path, required=True, help='training images: an MD-MNIST folder')
     p.add_argument('--test', type=Path, default=None,
                    help='test images for evaluation (default: the last 10%% of --data, at most 256, held out)')
-    p.add_argument('--preset', default='tiny', choices=list(PRESETS), help='training recipe (default: tiny)')
+    p.add_argument('--preset', default='tiny', choices=list(presets), help='training recipe (default: tiny)')
     p.add_argument('--out', type=Path, required=True, help=out_help)
     p.add_argument('--steps', type=_positive_int, default=None,
                    help="training steps (default: the preset's; its ramps and milestones are scaled to match)")
     p.add_argument('--batch-size', type=_positive_int, default=None, help="batch size (default: the preset's)")
     p.add_argument('--eval-every', type=_positive_int, default=None,
-                   help='evaluate (and record codebook usage) every N steps (default: 20 times per run)')
+                   help='evaluate on the test data every N steps (default: 10 to 20 times per run)')
     p.add_argument('--device', default=None, help='cuda, mps or cpu (default: the best available)')
     p.add_argument('--seed', type=int, default=0, help='random seed')
 
@@ -122,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument('--overwrite', action='store_true', help='replace a non-empty output folder')
     md.set_defaults(func=run_data_mdmnist)
 
-    tr = sub.add_parser('train', help='train a stage (tokenizer)', description='Train one stage of the pipeline '
+    tr = sub.add_parser('train', help='train a stage (tokenizer, prior)', description='Train one stage of the pipeline '
                         'through the shared training loop; every run folder can be resumed with --resume.')
     tsub = tr.add_subparsers(dest='stage', metavar='STAGE', parser_class=_Parser); tsub.required = True
     from dalle_course.stage1 import KINDS, PRESETS
@@ -131,12 +179,64 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Train a discrete image tokenizer on an MD-MNIST folder (or any folder in the "
                          "same format). Writes to --out: recipe.json, checkpoint.safetensors (for --resume), "
                          "metrics.jsonl/png, tokenizer.safetensors (what the priors load), eval.json (test MSE, "
-                         "PSNR, codebook usage, perplexity), usage.png, codes.png, recon.png.\n\npresets:\n" +
-                         "\n".join(f"  {k:15s} {v['doc']} (kinds: {', '.join(v['kinds'])})" for k, v in PRESETS.items()))
+                         "PSNR, codebook usage, perplexity), usage.png, codes.png, recon.png." +
+                         _presets_help(PRESETS, lambda v: f" (kinds: {', '.join(v['kinds'])})"))
     tk.add_argument('--kind', required=True, choices=KINDS, help='tokenizer kind')
-    _training_args(tk, out_help='run folder')
+    _training_args(tk, out_help='run folder', presets=PRESETS)
     tk.add_argument('--resume', action='store_true', help='continue the run in --out from its checkpoint')
     tk.set_defaults(func=run_train_tokenizer)
+
+    from dalle_course.stage2 import ARCHS, PRIOR_PRESETS
+    tp = tsub.add_parser('prior', formatter_class=argparse.RawDescriptionHelpFormatter,
+                         help='stage 2: a transformer prior over image tokens given text (G1 joint or G2 separate)',
+                         description="Train a prior on an MD-MNIST folder tokenized by a trained tokenizer. "
+                         "--arch joint is G1 (DALL-E: one decoder over [text; image]); --arch separate is G2 (a text "
+                         "encoder and a cross-attending image decoder). Writes to --out: recipe.json, tokens.safetensors, "
+                         "tokenizer.safetensors and text_tokenizer.json (copies, so the run samples on its own), "
+                         "checkpoint.safetensors (for --resume), metrics.jsonl/png, prior.safetensors, eval.json "
+                         "(teacher-forced CE on the test split), ce.png, samples.png." + _presets_help(PRIOR_PRESETS))
+    tp.add_argument('--arch', required=True, choices=ARCHS, help='joint (G1) or separate (G2)')
+    tp.add_argument('--tokenizer', type=Path, required=True,
+                    help='a `train tokenizer` run folder (or its tokenizer.safetensors)')
+    _training_args(tp, out_help='run folder', presets=PRIOR_PRESETS)
+    tp.add_argument('--resume', action='store_true', help='continue the run in --out from its checkpoint')
+    tp.set_defaults(func=run_train_prior)
+
+    sm = sub.add_parser('sample', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        help='draw images for descriptions from a trained prior',
+                        description="Sample images for one prompt (--prompt) or many (--prompts FILE, one per line) "
+                        "from a `train prior` run and save a grid with one row per prompt. MD-MNIST priors read "
+                        "exactly 12 tokens: value size colour position for each of the 3 digits, e.g. "
+                        "\"7 30 r up 2 20 w down 9 40 g middle\".")
+    src = sm.add_mutually_exclusive_group(required=True)
+    src.add_argument('--prompt', help='one description')
+    src.add_argument('--prompts', type=Path, help='a text file with one description per line')
+    sm.add_argument('--prior', type=Path, required=True, help='a `train prior` run folder')
+    sm.add_argument('--n', type=_positive_int, default=16, help='images per prompt')
+    sm.add_argument('--out', type=Path, required=True, help='image file for the grid, e.g. grid.png')
+    sm.add_argument('--temperature', type=float, default=1.0, help='softmax temperature (> 0)')
+    sm.add_argument('--top-k', type=_positive_int, default=None, help='sample among the k most likely tokens only')
+    sm.add_argument('--top-p', type=float, default=None, help='nucleus sampling: smallest set of tokens with this mass')
+    sm.add_argument('--guidance', type=float, default=1.0,
+                    help='classifier-free guidance scale (1 = plain conditional sampling, 3 = stronger prompt adherence)')
+    sm.add_argument('--batch-size', type=_positive_int, default=64, help='images sampled at once')
+    sm.add_argument('--device', default=None, help='cuda, mps or cpu (default: the best available)')
+    sm.add_argument('--seed', type=int, default=0, help='random seed')
+    sm.set_defaults(func=run_sample)
+
+    from dalle_course.demo import DEMO_PRESETS
+    dm = sub.add_parser('demo', formatter_class=argparse.RawDescriptionHelpFormatter,
+                        help='the whole pipeline end to end, small (about 10 minutes on a 2-core CPU)',
+                        description="Generate MD-MNIST, train an image tokenizer and a prior, sample images for "
+                        "held-out test descriptions and write a report folder (samples.png with captions, "
+                        "completion.png, loss plots, metrics.json with teacher-forced CE, report.md)." +
+                        _presets_help(DEMO_PRESETS))
+    dm.add_argument('--preset', default='cpu', choices=list(DEMO_PRESETS), help='pipeline size (default: cpu)')
+    dm.add_argument('--out', type=Path, default=Path('runs/demo'), help='output folder (default: runs/demo)')
+    dm.add_argument('--overwrite', action='store_true', help='replace a non-empty --out folder')
+    dm.add_argument('--device', default=None, help='cuda, mps or cpu (default: the best available)')
+    dm.add_argument('--seed', type=int, default=0, help='random seed')
+    dm.set_defaults(func=run_demo)
 
     be = sub.add_parser('bench', help='benchmarks that compare variants (tokenizers)',
                         description='Train several variants on the same data and write comparison tables and plots.')
@@ -146,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Train the stage-1 comparison (DALL-E dVAE, thesis dVAE with and without KL, "
                          "VQ-VAE plain / with separate codebook LR / EMA with k-means++ and restarts) on the same "
                          "data and write comparison.md/json, usage.png (usage over training), codes.png and recon.png.")
-    _training_args(bt, out_help='output folder (new or empty)')
+    _training_args(bt, out_help='output folder (new or empty)', presets=PRESETS)
     bt.set_defaults(func=run_bench_tokenizers)
 
     ex = sub.add_parser('exercises', formatter_class=argparse.ArgumentDefaultsHelpFormatter,

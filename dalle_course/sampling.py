@@ -13,22 +13,27 @@ from torch import nn
 from .core import InputError, autocast, progress
 
 # %% auto #0
-__all__ = ['filter_logits', 'guide', 'eval_mode', 'sample', 'cached_logits', 'teacher_forced_ce', 'plot_ce_distribution']
+__all__ = ['check_sampling_args', 'filter_logits', 'guide', 'eval_mode', 'sample', 'cached_logits', 'teacher_forced_ce',
+           'plot_ce_distribution']
 
 # %% ../nbs/24_sampling.ipynb #24_sampling-010
+def check_sampling_args(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> None:
+    "Raise a one-line `InputError` for a temperature <= 0, a top_k < 1 or a top_p outside (0, 1]."
+    if not temperature > 0: raise InputError(f"temperature must be > 0, got {temperature}; use top_k=1 for greedy decoding")
+    if top_k is not None and not 1 <= top_k: raise InputError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1: raise InputError(f"top_p must be in (0, 1], got {top_p}")
+
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None) -> torch.Tensor:
     "Logits `(..., K)` -> new float logits `(..., K)`: divided by `temperature`, then top-k, then top-p (dropped = -inf)."
-    if not temperature > 0: raise InputError(f"temperature must be > 0, got {temperature}; use top_k=1 for greedy decoding")
+    check_sampling_args(temperature, top_k, top_p)
     x = logits.float() / temperature  # a new tensor
     K = x.shape[-1]
     if top_k is not None:
-        if not 1 <= top_k: raise InputError(f"top_k must be >= 1, got {top_k}")
         if top_k < K:
             kth = x.topk(top_k, dim=-1).values[..., -1:]  # (..., 1)
             x = x.masked_fill(x < kth, float('-inf'))
     if top_p is not None:
-        if not 0 < top_p <= 1: raise InputError(f"top_p must be in (0, 1], got {top_p}")
         if top_p < 1:
             srt, idx = x.sort(-1, descending=True)  # (..., K)
             prob = srt.softmax(-1)

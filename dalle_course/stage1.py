@@ -17,8 +17,8 @@ from .vqvae import THESIS_TABLE5_VQVAE, VQVAE, vqvae_loss, vqvae_param_groups
 
 # %% auto #0
 __all__ = ['KINDS', 'PRESETS', 'COMPARISON', 'resolve_recipe', 'build_tokenizer', 'tokenizer_loss', 'tokenizer_hparams',
-           'train_tokenizer', 'plot_usage_curves', 'plot_code_histograms', 'plot_reconstructions', 'compare_tokenizers',
-           'comparison_table', 'save_comparison']
+           'load_splits', 'check_same_run', 'open_run', 'train_tokenizer', 'plot_usage_curves', 'plot_code_histograms',
+           'plot_reconstructions', 'compare_tokenizers', 'comparison_table', 'save_comparison']
 
 # %% ../nbs/14_stage1.ipynb #14_stage1-004
 KINDS = ('dvae-dalle', 'dvae-thesis', 'vqvae', 'vqvae-ema')
@@ -110,10 +110,48 @@ def tokenizer_hparams(recipe: dict) -> dict:
     return {k: Schedule.from_dict(v) for k, v in recipe['hparams'].items()}
 
 # %% ../nbs/14_stage1.ipynb #14_stage1-011
-def _split_holdout(data, n: int):
-    "Last `n` items of `data` as a test set, the rest for training (when no test data is given)."
-    idx = list(range(len(data)))
-    return torch.utils.data.Subset(data, idx[:-n]), torch.utils.data.Subset(data, idx[-n:])
+def load_splits(data, test, n_test: int):
+    """(train, test) Datasets from MD-MNIST folders or Datasets; without `test`, the last `min(n_test, 10%)` items of
+    `data` are held out. Both must have the same image size."""
+    from dalle_course.mdmnist import MDMNIST
+    train = MDMNIST(data) if isinstance(data, (str, Path)) else data
+    if test is None:
+        _check(len(train) >= 2, f"the training data has {len(train)} images; it needs at least 2")
+        n = min(n_test, max(1, len(train) // 10)); idx = list(range(len(train)))
+        train, test = torch.utils.data.Subset(train, idx[:-n]), torch.utils.data.Subset(train, idx[-n:])
+    elif isinstance(test, (str, Path)): test = MDMNIST(test)
+    _check(len(test) > 0, "the test data is empty; pass a test split with at least one image")
+    size = int(train[0]['image'].shape[-1])
+    _check(int(test[0]['image'].shape[-1]) == size, f"test images are {test[0]['image'].shape[-1]} px but training "
+           f"images are {size} px; use a test split of the same size")
+    return train, test
+
+def check_same_run(out, recipe: dict, same=()) -> dict | None:
+    """The recipe saved in `out/recipe.json` (None if there is none), after checking that each `(key path, option
+    name)` in `same`, e.g. `(('kind',), '--kind')`, has the same value in it as in `recipe`."""
+    rp = Path(out) / 'recipe.json'
+    if not rp.exists(): return None
+    old = json.loads(rp.read_text())
+    for keys, option in same:
+        a, b = old, recipe
+        for k in keys: a, b = a.get(k), b.get(k)
+        _check(a == b, f"{out} was trained with {option} {a} but this call has {b}; resume it with {option} {a}")
+    return old
+
+def open_run(out, recipe: dict, resume: bool, steps: int | None = None, same=()) -> dict:
+    """Prepare the run folder `out` and return the recipe to train with. A fresh run refuses a folder that already
+    holds a checkpoint; `resume` reloads `out/recipe.json` (only `steps` may change) after checking that each
+    `(key path, option name)` in `same`, e.g. `(('kind',), '--kind')`, agrees with `recipe`."""
+    out = Path(out)
+    rp = out / 'recipe.json'
+    if resume and rp.exists():                     # continue with the saved recipe, not a re-resolved one
+        recipe = check_same_run(out, recipe, same)
+        if steps: recipe['train']['steps'] = steps
+    elif not resume and (out / 'checkpoint.safetensors').exists():
+        raise InputError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    rp.write_text(json.dumps(recipe, indent=1))
+    return recipe
 
 def train_tokenizer(kind: str, data, preset: str = 'tiny', out=None, test=None, resume: bool = False,
                     steps: int | None = None, batch_size: int | None = None, eval_every: int | None = None,
@@ -122,31 +160,13 @@ def train_tokenizer(kind: str, data, preset: str = 'tiny', out=None, test=None, 
     """Train a `kind` tokenizer on `data` (an MD-MNIST folder or Dataset of {'image'} dicts) with `preset`.
     Returns {'tokenizer', 'recipe', 'summary', 'test', 'counts', 'records', 'test_data'}; with `out`, writes the run folder
     described above. `resume=True` continues the run in `out` with its saved recipe (`steps` may extend it)."""
-    from dalle_course.mdmnist import MDMNIST
-    train = MDMNIST(data) if isinstance(data, (str, Path)) else data
-    if test is None:
-        _check(len(train) >= 2, f"the training data has {len(train)} images; it needs at least 2")
-        train, test = _split_holdout(train, min(eval_images, max(1, len(train) // 10)))
-    elif isinstance(test, (str, Path)): test = MDMNIST(test)
+    train, test = load_splits(data, test, eval_images)
     size = int(train[0]['image'].shape[-1])
-    _check(int(test[0]['image'].shape[-1]) == size, f"test images are {test[0]['image'].shape[-1]} px but training "
-           f"images are {size} px; use a test split of the same size")
     recipe = resolve_recipe(kind, preset, size, len(train), steps, batch_size, seed, overrides)
     out = Path(out) if out is not None else None
     if out is not None:
-        rp = out / 'recipe.json'
-        if resume and rp.exists():                     # continue with the saved recipe, not a re-resolved one
-            old = json.loads(rp.read_text())
-            _check((old['kind'], old['preset']) == (kind, preset), f"{out} is a {old['kind']} run with preset "
-                   f"{old['preset']}; resume it with --kind {old['kind']} --preset {old['preset']}")
-            _check(old['model']['image_size'] == size, f"{out} was trained on {old['model']['image_size']} px images "
-                   f"but the data is {size} px; resume with the same data")
-            recipe = old
-            if steps: recipe['train']['steps'] = steps
-        elif not resume and (out / 'checkpoint.safetensors').exists():
-            raise InputError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
-        rp.write_text(json.dumps(recipe, indent=1))
+        recipe = open_run(out, recipe, resume, steps, same=[(('kind',), '--kind'), (('preset',), '--preset'),
+                                                            (('model', 'image_size'), 'image size')])
     seed_everything(seed)
     model = build_tokenizer(recipe)
     groups = vqvae_param_groups(model, recipe['codebook_lr_mult']) if kind.startswith('vq') else None
