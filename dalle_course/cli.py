@@ -129,8 +129,8 @@ def _size(s: str) -> int:
 def _presets_help(presets: dict, extra=lambda v: '') -> str:
     return "\n\npresets:\n" + "\n".join(f"  {k:15s} {v['doc']}{extra(v)}" for k, v in presets.items())
 
-def _training_args(p: argparse.ArgumentParser, out_help: str, presets: dict):
-    "The options every training command shares (data, preset, run length, device)."
+def _training_args(p: argparse.ArgumentParser, out_help: str, presets: dict, resume: bool = True):
+    "The options every training command shares (data, preset, run length, device, and --resume if `resume`)."
     p.add_argument('--data', type=Path, required=True, help='training images: an MD-MNIST folder')
     p.add_argument('--test', type=Path, default=None,
                    help='test images for evaluation (default: the last 10%% of --data, at most 256, held out)')
@@ -143,6 +143,7 @@ def _training_args(p: argparse.ArgumentParser, out_help: str, presets: dict):
                    help='evaluate on the test data every N steps (default: 10 to 20 times per run)')
     p.add_argument('--device', default=None, help='cuda, mps or cpu (default: the best available)')
     p.add_argument('--seed', type=int, default=0, help='random seed')
+    if resume: p.add_argument('--resume', action='store_true', help='continue the run in --out from its checkpoint')
 
 def build_parser() -> argparse.ArgumentParser:
     "The `dalle-course` argument parser with all its subcommands."
@@ -183,7 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
                          _presets_help(PRESETS, lambda v: f" (kinds: {', '.join(v['kinds'])})"))
     tk.add_argument('--kind', required=True, choices=KINDS, help='tokenizer kind')
     _training_args(tk, out_help='run folder', presets=PRESETS)
-    tk.add_argument('--resume', action='store_true', help='continue the run in --out from its checkpoint')
     tk.set_defaults(func=run_train_tokenizer)
 
     from dalle_course.stage2 import ARCHS, PRIOR_PRESETS
@@ -199,7 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument('--tokenizer', type=Path, required=True,
                     help='a `train tokenizer` run folder (or its tokenizer.safetensors)')
     _training_args(tp, out_help='run folder', presets=PRIOR_PRESETS)
-    tp.add_argument('--resume', action='store_true', help='continue the run in --out from its checkpoint')
     tp.set_defaults(func=run_train_prior)
 
     sm = sub.add_parser('sample', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -246,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Train the stage-1 comparison (DALL-E dVAE, thesis dVAE with and without KL, "
                          "VQ-VAE plain / with separate codebook LR / EMA with k-means++ and restarts) on the same "
                          "data and write comparison.md/json, usage.png (usage over training), codes.png and recon.png.")
-    _training_args(bt, out_help='output folder (new or empty)', presets=PRESETS)
+    _training_args(bt, out_help='output folder (new or empty)', presets=PRESETS, resume=False)
     bt.set_defaults(func=run_bench_tokenizers)
 
     ex = sub.add_parser('exercises', formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -1,8 +1,9 @@
 "Stage 1 as a user runs it: presets, `train_tokenizer`, and `dalle-course train tokenizer`."
-import json, math, subprocess, sys
+import json, math
 
 import pytest
 import torch
+from helpers import StopAt, cli, one_line_error
 
 from dalle_course.core import InputError, load_checkpoint
 from dalle_course.imagetok import load_tokenizer
@@ -18,9 +19,6 @@ def data(tmp_path_factory):
     write_mdmnist(root / 'big', n=8, seed=2, size=128, split='train')
     return root
 
-
-def cli(*args):
-    return subprocess.run([sys.executable, '-m', 'dalle_course.cli', *map(str, args)], capture_output=True, text=True)
 
 
 # ---- presets against the thesis tables (numbers typed from the thesis, not from the module)
@@ -115,10 +113,6 @@ def test_training_reduces_reconstruction_error(data):
     assert res['test']['mse'] < 0.8 * _indep_mse(untrained, data / 'test')
 
 
-class _StopAt:
-    def __init__(self, at): self.at = at
-    def after_step(self, learner, step, rec):
-        if step == self.at: raise KeyboardInterrupt
 
 
 @pytest.mark.parametrize('kind', ['dvae-dalle', 'vqvae-ema'])
@@ -126,7 +120,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(kind, data, tmp_path):
     kw = dict(test=data / 'test', steps=20, eval_every=5, plots=False)
     a = train_tokenizer(kind, data / 'train', 'tiny', out=tmp_path / 'a', **kw)
     with pytest.raises(KeyboardInterrupt):
-        train_tokenizer(kind, data / 'train', 'tiny', out=tmp_path / 'b', callbacks=[_StopAt(13)], **kw)
+        train_tokenizer(kind, data / 'train', 'tiny', out=tmp_path / 'b', callbacks=[StopAt(13)], **kw)
     assert load_checkpoint(tmp_path / 'b' / 'checkpoint.safetensors')['step'] == 12
     b = train_tokenizer(kind, data / 'train', 'tiny', out=tmp_path / 'b', resume=True, **kw)
     assert b['summary']['step'] == 20
@@ -146,32 +140,27 @@ def test_resume_extends_a_finished_run(data, tmp_path):
     assert max(steps) == 7 and steps == sorted(steps)
 
 
-def _one_line_error(p, *words):
-    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and 'error' in lines[0], p.stderr
-    for w in words: assert w in lines[0], (w, lines[0])
 
 
 def test_cli_errors_are_one_line_and_write_nothing(data, tmp_path):
     out = tmp_path / 'run'
     base = ('train', 'tokenizer', '--data', data / 'train', '--out', out)
-    _one_line_error(cli(*base, '--kind', 'dvae'), '--kind', 'dvae-dalle')
-    _one_line_error(cli(*base, '--kind', 'dvae-dalle', '--preset', 'huge'), '--preset')
-    _one_line_error(cli(*base, '--kind', 'dvae-dalle', '--preset', 'thesis-mdmnist'), 'no settings for')
-    _one_line_error(cli('train', 'tokenizer', '--kind', 'dvae-thesis', '--data', data / 'big', '--preset',
+    one_line_error(cli(*base, '--kind', 'dvae'), '--kind', 'dvae-dalle')
+    one_line_error(cli(*base, '--kind', 'dvae-dalle', '--preset', 'huge'), '--preset')
+    one_line_error(cli(*base, '--kind', 'dvae-dalle', '--preset', 'thesis-mdmnist'), 'no settings for')
+    one_line_error(cli('train', 'tokenizer', '--kind', 'dvae-thesis', '--data', data / 'big', '--preset',
                         'thesis-cub64', '--out', out), '64x64', '128x128')
-    _one_line_error(cli('train', 'tokenizer', '--kind', 'vqvae', '--data', tmp_path / 'missing', '--out', out),
+    one_line_error(cli('train', 'tokenizer', '--kind', 'vqvae', '--data', tmp_path / 'missing', '--out', out),
                     'not an MD-MNIST folder')
-    _one_line_error(cli(*base, '--kind', 'vqvae', '--test', data / 'big'), 'test images')
+    one_line_error(cli(*base, '--kind', 'vqvae', '--test', data / 'big'), 'test images')
     assert not out.exists()
 
 
 def test_cli_refuses_to_overwrite_or_mix_runs(data, tmp_path):
     out = tmp_path / 'run'
     assert cli('train', 'tokenizer', '--kind', 'dvae-dalle', '--data', data / 'train', '--steps', 2, '--out', out).returncode == 0
-    _one_line_error(cli('train', 'tokenizer', '--kind', 'dvae-dalle', '--data', data / 'train', '--out', out), '--resume')
-    _one_line_error(cli('train', 'tokenizer', '--kind', 'vqvae', '--data', data / 'train', '--out', out, '--resume'),
+    one_line_error(cli('train', 'tokenizer', '--kind', 'dvae-dalle', '--data', data / 'train', '--out', out), '--resume')
+    one_line_error(cli('train', 'tokenizer', '--kind', 'vqvae', '--data', data / 'train', '--out', out, '--resume'),
                     '--kind dvae-dalle')
 
 
@@ -195,7 +184,7 @@ def test_bench_tokenizers_cli(data, tmp_path):
     plain = load_tokenizer(out / 'runs' / 'vq-vae-plain')
     assert plain.kind == 'vqvae' and plain.config['bn'] is False and plain.config['kmeans_init'] is False
     for f in ('usage.png', 'codes.png', 'recon.png'): assert (out / f).is_file()
-    _one_line_error(cli('bench', 'tokenizers', '--data', data / 'train', '--out', out), 'not empty')
+    one_line_error(cli('bench', 'tokenizers', '--data', data / 'train', '--out', out), 'not empty')
 
 
 @pytest.mark.parametrize('preset', [p for p in PRESETS if p != 'tiny'])

@@ -1,8 +1,9 @@
 "Stage 2 as a user runs it: presets, `train_prior`, `dalle-course train prior`, `sample` and `demo`."
-import json, math, subprocess, sys
+import json, math
 
 import pytest
 import torch
+from helpers import StopAt, cli, one_line_error
 from torch.testing import assert_close
 
 from dalle_course.core import InputError
@@ -35,15 +36,7 @@ def data(tmp_path_factory):
     return root
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, '-m', 'dalle_course.cli', *map(str, args)], capture_output=True, text=True)
 
-
-def _one_line_error(p, *words):
-    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and 'error' in lines[0], p.stderr
-    for w in words: assert w in lines[0], (w, lines[0])
 
 
 # ---- presets (numbers typed from the thesis's Table 6, not from the module)
@@ -121,17 +114,13 @@ def test_training_lowers_teacher_forced_ce(data, tmp_path):
     assert res['eval']['teacher_forced_ce'] < 0.5 * before
 
 
-class _StopAt:
-    def __init__(self, step): self.stop = step
-    def after_step(self, learner, step, rec):
-        if step == self.stop: raise KeyboardInterrupt
 
 
 @pytest.mark.parametrize('arch', ['joint', 'separate'])
 def test_interrupted_then_resumed_equals_uninterrupted(arch, data, tmp_path):
     kw = dict(test=data / 'test', steps=20, batch_size=8, overrides=SMALL, plots=False)
     with pytest.raises(KeyboardInterrupt):
-        train_prior(arch, data / 'patch.safetensors', data / 'train', out=tmp_path / 'a', callbacks=[_StopAt(13)], **kw)
+        train_prior(arch, data / 'patch.safetensors', data / 'train', out=tmp_path / 'a', callbacks=[StopAt(13)], **kw)
     a = train_prior(arch, data / 'patch.safetensors', data / 'train', out=tmp_path / 'a', resume=True, **kw)
     b = train_prior(arch, data / 'patch.safetensors', data / 'train', out=tmp_path / 'b', **kw)
     for (k, va), vb in zip(a['prior'].state_dict().items(), b['prior'].state_dict().values()):
@@ -179,18 +168,18 @@ def test_cli_sample_prompt_and_prompts_file(prior_run, tmp_path):
     ('7 30 r up 2 20 w down 9 40 g middle 1', ['exactly 12 tokens'])])
 def test_cli_bad_prompts_are_one_line(prior_run, tmp_path, prompt, words):
     out = tmp_path / 'grid.png'
-    _one_line_error(cli('sample', '--prior', prior_run, '--prompt', prompt, '--out', out), 'prompt 1', *words)
+    one_line_error(cli('sample', '--prior', prior_run, '--prompt', prompt, '--out', out), 'prompt 1', *words)
     assert not out.exists()
 
 
 def test_cli_sample_errors(prior_run, data, tmp_path):
     out = tmp_path / 'g.png'
-    _one_line_error(cli('sample', '--prior', tmp_path, '--prompt', 'x', '--out', out), 'prior.safetensors')
-    _one_line_error(cli('sample', '--prior', prior_run, '--out', out), '--prompt')
-    _one_line_error(cli('sample', '--prior', prior_run, '--prompts', tmp_path / 'none.txt', '--out', out), 'none.txt')
-    _one_line_error(cli('sample', '--prior', prior_run, '--prompt', '7 30 r up 2 20 w down 9 40 g middle',
+    one_line_error(cli('sample', '--prior', tmp_path, '--prompt', 'x', '--out', out), 'prior.safetensors')
+    one_line_error(cli('sample', '--prior', prior_run, '--out', out), '--prompt')
+    one_line_error(cli('sample', '--prior', prior_run, '--prompts', tmp_path / 'none.txt', '--out', out), 'none.txt')
+    one_line_error(cli('sample', '--prior', prior_run, '--prompt', '7 30 r up 2 20 w down 9 40 g middle',
                         '--temperature', 0, '--out', out), 'temperature')
-    _one_line_error(cli('sample', '--prior', prior_run, '--prompt', '7 30 r up 2 20 w down 9 40 g middle',
+    one_line_error(cli('sample', '--prior', prior_run, '--prompt', '7 30 r up 2 20 w down 9 40 g middle',
                         '--out', tmp_path / 'grid.txt'), 'grid.png')
     assert not out.exists()
 
@@ -198,16 +187,16 @@ def test_cli_sample_errors(prior_run, data, tmp_path):
 def test_cli_train_prior_errors(prior_run, data, tmp_path):
     out = tmp_path / 'run'
     base = ('train', 'prior', '--tokenizer', data / 'patch.safetensors', '--data', data / 'train', '--out', out)
-    _one_line_error(cli(*base, '--arch', 'g1'), '--arch')
-    _one_line_error(cli(*base, '--arch', 'joint', '--preset', 'huge'), '--preset')
-    _one_line_error(cli('train', 'prior', '--arch', 'joint', '--tokenizer', tmp_path / 'nothing', '--data', data / 'train',
+    one_line_error(cli(*base, '--arch', 'g1'), '--arch')
+    one_line_error(cli(*base, '--arch', 'joint', '--preset', 'huge'), '--preset')
+    one_line_error(cli('train', 'prior', '--arch', 'joint', '--tokenizer', tmp_path / 'nothing', '--data', data / 'train',
                         '--out', out), 'no tokenizer')
-    _one_line_error(cli('train', 'prior', '--arch', 'joint', '--tokenizer', data / 'patch.safetensors', '--data',
+    one_line_error(cli('train', 'prior', '--arch', 'joint', '--tokenizer', data / 'patch.safetensors', '--data',
                         data / 'big', '--out', out), '64 px')
     assert not out.exists()
-    _one_line_error(cli('train', 'prior', '--arch', 'separate', '--tokenizer', data / 'patch.safetensors', '--data',
+    one_line_error(cli('train', 'prior', '--arch', 'separate', '--tokenizer', data / 'patch.safetensors', '--data',
                         data / 'train', '--out', prior_run), '--resume')
-    _one_line_error(cli('train', 'prior', '--arch', 'joint', '--tokenizer', data / 'patch.safetensors', '--data',
+    one_line_error(cli('train', 'prior', '--arch', 'joint', '--tokenizer', data / 'patch.safetensors', '--data',
                         data / 'train', '--out', prior_run, '--resume'), '--arch separate')
 
 
@@ -222,8 +211,8 @@ def test_cli_help_lists_archs_presets_and_demo():
 
 def test_cli_demo_refuses_a_used_folder_and_unknown_preset(tmp_path):
     (tmp_path / 'keep.txt').write_text('mine')
-    _one_line_error(cli('demo', '--out', tmp_path), '--overwrite')
-    _one_line_error(cli('demo', '--preset', 'huge', '--out', tmp_path / 'x'), '--preset')
+    one_line_error(cli('demo', '--out', tmp_path), '--overwrite')
+    one_line_error(cli('demo', '--preset', 'huge', '--out', tmp_path / 'x'), '--preset')
     assert (tmp_path / 'keep.txt').read_text() == 'mine' and not (tmp_path / 'x').exists()
 
 
