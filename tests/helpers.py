@@ -20,3 +20,12 @@ class StopAt:
     def __init__(self, at): self.at = at
     def after_step(self, learner, step, rec):
         if step == self.at: raise KeyboardInterrupt
+
+
+def write_splits(root, n_train: int, n_test: int, n_big: int):
+    "MD-MNIST under `root`: 64-px `train` (seed 0) and `test` (seed 1) splits and a 128-px `big` one for size errors."
+    from dalle_course.mdmnist import write_mdmnist
+    write_mdmnist(root / 'train', n=n_train, seed=0, size=64, split='train')
+    write_mdmnist(root / 'test', n=n_test, seed=1, size=64, split='test')
+    write_mdmnist(root / 'big', n=n_big, seed=2, size=128, split='train')
+    return root

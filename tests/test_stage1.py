@@ -3,21 +3,17 @@ import json, math
 
 import pytest
 import torch
-from helpers import StopAt, cli, one_line_error
+from helpers import StopAt, cli, one_line_error, write_splits
 
 from dalle_course.core import InputError, load_checkpoint
 from dalle_course.imagetok import load_tokenizer
-from dalle_course.mdmnist import MDMNIST, write_mdmnist
+from dalle_course.mdmnist import MDMNIST
 from dalle_course.stage1 import KINDS, PRESETS, resolve_recipe, train_tokenizer
 
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp('stage1')
-    write_mdmnist(root / 'train', n=96, seed=0, size=64, split='train')
-    write_mdmnist(root / 'test', n=24, seed=1, size=64, split='test')
-    write_mdmnist(root / 'big', n=8, seed=2, size=128, split='train')
-    return root
+    return write_splits(tmp_path_factory.mktemp('stage1'), 96, 24, 8)
 
 
 

@@ -3,12 +3,11 @@ import json, math
 
 import pytest
 import torch
-from helpers import StopAt, cli, one_line_error
+from helpers import StopAt, cli, one_line_error, write_splits
 from torch.testing import assert_close
 
 from dalle_course.core import InputError
 from dalle_course.imagetok import PatchColourTokenizer
-from dalle_course.mdmnist import write_mdmnist
 from dalle_course.prior import PRIORS, JointPrior, SeparatePrior
 from dalle_course.sampling import teacher_forced_ce
 from dalle_course.stage1 import train_tokenizer
@@ -28,10 +27,7 @@ def _one_thread():
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp('stage2')
-    write_mdmnist(root / 'train', n=64, seed=0, size=64, split='train')
-    write_mdmnist(root / 'test', n=16, seed=1, size=64, split='test')
-    write_mdmnist(root / 'big', n=4, seed=2, size=128, split='train')
+    root = write_splits(tmp_path_factory.mktemp('stage2'), 64, 16, 4)
     PatchColourTokenizer(image_size=64, patch=8, levels=4).save(root / 'patch.safetensors')  # an 8x8 grid, K = 64
     return root
 
