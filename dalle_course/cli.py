@@ -10,7 +10,7 @@ from pathlib import Path
 from .core import InputError
 
 # %% auto #0
-__all__ = ['PROG', 'run_data_mdmnist', 'run_train_tokenizer', 'run_train_prior', 'run_sample', 'run_demo', 'run_bench_tokenizers',
+__all__ = ['PROG', 'TRAIN_COMMANDS', 'run_data_mdmnist', 'run_train', 'run_sample', 'run_demo', 'run_bench_tokenizers',
            'run_exercises', 'build_parser', 'main']
 
 # %% ../nbs/95_cli.ipynb #95_cli-004
@@ -36,28 +36,59 @@ def run_data_mdmnist(args) -> int:
           f"in {stats['seconds']:.2f} s ({stats['images_per_s']:.0f} images/s)")
     return 0
 
-def run_train_tokenizer(args) -> int:
-    "Train an image tokenizer (stage 1) through the shared Learner."
-    from dalle_course.stage1 import train_tokenizer
-    res = train_tokenizer(args.kind, args.data, args.preset, out=args.out, test=args.test, resume=args.resume,
-                          steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every,
-                          device=args.device, seed=args.seed)
+def _report_tokenizer(args, res) -> str:
     t, s = res['test'], res['summary']
-    print(f"{args.kind} ({args.preset}): {s['step']} steps in {s['seconds']:.1f} s ({s['samples_per_s']:.0f} images/s); "
-          f"test MSE {t['mse']:.5f}, PSNR {t['psnr']:.2f} dB, codebook usage {t['usage']:.1%}, "
-          f"perplexity {t['perplexity']:.1f} -> {args.out}")
-    return 0
+    return (f"{args.kind} ({args.preset}): {s['step']} steps in {s['seconds']:.1f} s ({s['samples_per_s']:.0f} images/s); "
+            f"test MSE {t['mse']:.5f}, PSNR {t['psnr']:.2f} dB, codebook usage {t['usage']:.1%}, "
+            f"perplexity {t['perplexity']:.1f} -> {args.out}")
 
-def run_train_prior(args) -> int:
-    "Train a text-to-image-token prior (stage 2) on the tokens of a trained tokenizer."
-    from dalle_course.stage2 import train_prior
-    res = train_prior(args.arch, args.tokenizer, args.data, args.preset, out=args.out, test=args.test,
-                      resume=args.resume, steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every,
-                      device=args.device, seed=args.seed)
+def _report_prior(args, res) -> str:
     e, s = res['eval'], res['summary']
-    print(f"{args.arch} prior ({args.preset}): {s['step']} steps in {s['seconds']:.1f} s "
-          f"({e['train_tokens_per_s']:.0f} tokens/s); teacher-forced CE on {e['n_test']} test images "
-          f"{e['teacher_forced_ce']:.4f} nats/token -> {args.out}")
+    return (f"{args.arch} prior ({args.preset}): {s['step']} steps in {s['seconds']:.1f} s "
+            f"({e['train_tokens_per_s']:.0f} tokens/s); teacher-forced CE on {e['n_test']} test images "
+            f"{e['teacher_forced_ce']:.4f} nats/token -> {args.out}")
+
+def _table(module: str, names: str) -> dict:
+    import importlib
+    m = importlib.import_module(module)
+    return {n: getattr(m, n) for n in names.split()}
+
+# The training commands, one row each: `dalle-course train STAGE` is built from this table (kind option, the table of
+# kinds and presets of the stage's module, the inputs it needs besides --data), and run by `run_train`.
+TRAIN_COMMANDS = {
+    'tokenizer': dict(module='dalle_course.tokenizer_training', fn='train_tokenizer', kind_option='--kind',
+                      kinds=lambda m: {k: v.doc for k, v in m['TOKENIZER_KINDS'].items()},
+                      presets=lambda m: m['PRESETS'], names='TOKENIZER_KINDS PRESETS', inputs=(), report=_report_tokenizer,
+                      help='stage 1: a discrete image tokenizer (dVAE or VQ-VAE)',
+                      description="Train a discrete image tokenizer on a dataset folder (MD-MNIST). Writes to --out: "
+                      "run.json (the manifest), recipe.json, checkpoint.safetensors (for --resume), metrics.jsonl/png, "
+                      "tokenizer.safetensors (what the priors load), eval.json (test MSE, PSNR, codebook usage, "
+                      "perplexity), usage.png, codes.png, recon.png."),
+    'prior': dict(module='dalle_course.prior_training', fn='train_prior', kind_option='--arch',
+                  kinds=lambda m: {k: (v.__doc__ or '').split(':')[0] for k, v in m['PRIORS'].items()},
+                  presets=lambda m: m['PRIOR_PRESETS'], names='PRIORS PRIOR_PRESETS',
+                  inputs=(('--tokenizer', 'tokenizer', 'a `train tokenizer` run folder (or its tokenizer.safetensors)'),),
+                  report=_report_prior,
+                  help='stage 2: a transformer prior over image tokens given text (G1 joint or G2 separate)',
+                  description="Train a prior on a dataset folder tokenized by a trained tokenizer. --arch joint is "
+                  "G1 (DALL-E: one decoder over [text; image]); --arch separate is G2 (a text encoder and a "
+                  "cross-attending image decoder). Writes to --out: run.json (the manifest, with the tokenizer's "
+                  "fingerprint), recipe.json, tokens.safetensors, tokenizer.safetensors and text_tokenizer.json "
+                  "(copies, so the run samples on its own), checkpoint.safetensors (for --resume), metrics.jsonl/png, "
+                  "prior.safetensors, eval.json (teacher-forced CE on the test split), ce.png, samples.png."),
+}
+
+def run_train(args) -> int:
+    "Run one row of TRAIN_COMMANDS with the parsed options."
+    import importlib
+    row = TRAIN_COMMANDS[args.stage]
+    fn = getattr(importlib.import_module(row['module']), row['fn'])
+    kind = getattr(args, row['kind_option'].lstrip('-'))
+    inputs = [getattr(args, dest) for _, dest, _ in row['inputs']]
+    res = fn(kind, *inputs, args.data, args.preset, out=args.out, test=args.test, resume=args.resume,
+             overwrite=args.overwrite, steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every,
+             device=args.device, seed=args.seed)
+    print(row['report'](args, res))
     return 0
 
 def _read_prompts(args) -> list[str]:
@@ -68,7 +99,7 @@ def _read_prompts(args) -> list[str]:
 
 def run_sample(args) -> int:
     "Sample images for prompts from a trained prior and save a captioned grid."
-    from dalle_course.stage2 import load_prior_run, sample_figure
+    from dalle_course.prior_training import load_prior_run, sample_figure
     prompts = _read_prompts(args)
     if args.out.suffix.lower() not in ('.png', '.jpg', '.jpeg', '.pdf', '.svg'):
         raise InputError(f"--out {args.out} must be an image file name such as grid.png")
@@ -95,14 +126,15 @@ def run_demo(args) -> int:
 
 def run_bench_tokenizers(args) -> int:
     "Train every stage-1 variant on the same data and compare them."
-    from dalle_course.mdmnist import MDMNIST
-    from dalle_course.stage1 import compare_tokenizers, comparison_table, save_comparison
-    if args.out.exists() and any(args.out.iterdir()):
-        raise InputError(f"{args.out} exists and is not empty; choose another --out")
-    test = MDMNIST(args.test) if args.test else None
-    runs = compare_tokenizers(args.data, test, args.preset, steps=args.steps, out=args.out / 'runs',
-                              batch_size=args.batch_size, eval_every=args.eval_every, device=args.device, seed=args.seed)
-    save_comparison(runs, next(iter(runs.values()))['test_data'], args.out)
+    from dalle_course.datasets import open_dataset
+    from dalle_course.runs import RunFolder
+    from dalle_course.tokenizer_training import compare_tokenizers, comparison_table, save_comparison
+    test = open_dataset(args.test) if args.test else None
+    train = open_dataset(args.data)
+    with RunFolder(args.out, 'bench tokenizers', overwrite=args.overwrite, resumable=False) as rf:
+        runs = compare_tokenizers(train, test, args.preset, steps=args.steps, out=rf, batch_size=args.batch_size,
+                                  eval_every=args.eval_every, device=args.device, seed=args.seed)
+        save_comparison(runs, next(iter(runs.values()))['test_data'], rf)
     print(comparison_table(runs)); print(f"tables and plots in {args.out}")
     return 0
 
@@ -144,6 +176,8 @@ def _training_args(p: argparse.ArgumentParser, out_help: str, presets: dict, res
     p.add_argument('--device', default=None, help='cuda, mps or cpu (default: the best available)')
     p.add_argument('--seed', type=int, default=0, help='random seed')
     if resume: p.add_argument('--resume', action='store_true', help='continue the run in --out from its checkpoint')
+    p.add_argument('--overwrite', action='store_true',
+                   help='replace the run in --out: the files it wrote are deleted first (never any other file)')
 
 def build_parser() -> argparse.ArgumentParser:
     "The `dalle-course` argument parser with all its subcommands."
@@ -174,32 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser('train', help='train a stage (tokenizer, prior)', description='Train one stage of the pipeline '
                         'through the shared training loop; every run folder can be resumed with --resume.')
     tsub = tr.add_subparsers(dest='stage', metavar='STAGE', parser_class=_Parser); tsub.required = True
-    from dalle_course.stage1 import KINDS, PRESETS
-    tk = tsub.add_parser('tokenizer', formatter_class=argparse.RawDescriptionHelpFormatter,
-                         help='stage 1: a discrete image tokenizer (dVAE or VQ-VAE)',
-                         description="Train a discrete image tokenizer on an MD-MNIST folder (or any folder in the "
-                         "same format). Writes to --out: recipe.json, checkpoint.safetensors (for --resume), "
-                         "metrics.jsonl/png, tokenizer.safetensors (what the priors load), eval.json (test MSE, "
-                         "PSNR, codebook usage, perplexity), usage.png, codes.png, recon.png." +
-                         _presets_help(PRESETS, lambda v: f" (kinds: {', '.join(v['kinds'])})"))
-    tk.add_argument('--kind', required=True, choices=KINDS, help='tokenizer kind')
-    _training_args(tk, out_help='run folder', presets=PRESETS)
-    tk.set_defaults(func=run_train_tokenizer)
-
-    from dalle_course.stage2 import ARCHS, PRIOR_PRESETS
-    tp = tsub.add_parser('prior', formatter_class=argparse.RawDescriptionHelpFormatter,
-                         help='stage 2: a transformer prior over image tokens given text (G1 joint or G2 separate)',
-                         description="Train a prior on an MD-MNIST folder tokenized by a trained tokenizer. "
-                         "--arch joint is G1 (DALL-E: one decoder over [text; image]); --arch separate is G2 (a text "
-                         "encoder and a cross-attending image decoder). Writes to --out: recipe.json, tokens.safetensors, "
-                         "tokenizer.safetensors and text_tokenizer.json (copies, so the run samples on its own), "
-                         "checkpoint.safetensors (for --resume), metrics.jsonl/png, prior.safetensors, eval.json "
-                         "(teacher-forced CE on the test split), ce.png, samples.png." + _presets_help(PRIOR_PRESETS))
-    tp.add_argument('--arch', required=True, choices=ARCHS, help='joint (G1) or separate (G2)')
-    tp.add_argument('--tokenizer', type=Path, required=True,
-                    help='a `train tokenizer` run folder (or its tokenizer.safetensors)')
-    _training_args(tp, out_help='run folder', presets=PRIOR_PRESETS)
-    tp.set_defaults(func=run_train_prior)
+    for stage, row in TRAIN_COMMANDS.items():  # one parser per row of the table
+        m = _table(row['module'], row['names'])
+        kinds, presets = row['kinds'](m), row['presets'](m)
+        kinds_help = "\n\nkinds (" + row['kind_option'] + "):\n" + "\n".join(f"  {k:15s} {d}" for k, d in kinds.items())
+        sp = tsub.add_parser(stage, formatter_class=argparse.RawDescriptionHelpFormatter, help=row['help'],
+                             description=row['description'] + kinds_help +
+                             _presets_help(presets, lambda v: f" (kinds: {', '.join(v['kinds'])})" if 'kinds' in v else ''))
+        sp.add_argument(row['kind_option'], required=True, choices=list(kinds), help='what to train (see above)')
+        for flag, dest, help_ in row['inputs']: sp.add_argument(flag, dest=dest, type=Path, required=True, help=help_)
+        _training_args(sp, out_help='run folder', presets=presets)
+        sp.set_defaults(func=run_train)
 
     sm = sub.add_parser('sample', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                         help='draw images for descriptions from a trained prior',
@@ -245,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Train the stage-1 comparison (DALL-E dVAE, thesis dVAE with and without KL, "
                          "VQ-VAE plain / with separate codebook LR / EMA with k-means++ and restarts) on the same "
                          "data and write comparison.md/json, usage.png (usage over training), codes.png and recon.png.")
+    from dalle_course.tokenizer_training import PRESETS
     _training_args(bt, out_help='output folder (new or empty)', presets=PRESETS, resume=False)
     bt.set_defaults(func=run_bench_tokenizers)
 
@@ -269,6 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130
+    except OSError as e:  # a path that cannot be written or read: a disk full, a folder without permission, ...
+        where = f" {e.filename}" if getattr(e, 'filename', None) else ''
+        return _fail(f"cannot use{where}: {e.strerror or e}; choose a path you can write to (and check free space)")
+    except RuntimeError as e:
+        from dalle_course.learner import NonFiniteLossError
+        if isinstance(e, NonFiniteLossError): return _fail(str(e).replace('\n', ' '))
+        raise
 
 # %% ../nbs/95_cli.ipynb #95_cli-010
 #| eval: false

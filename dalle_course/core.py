@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #00_core-002
 from __future__ import annotations
-import json, os, random, tempfile
+import hashlib, json, os, random, tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -15,9 +15,10 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'seed_everything', 'InputError', 'get_device', 'autocast', 'world_info', 'is_main_process',
-           'progress', 'to_uint8_hwc', 'image_grid', 'pack_state', 'unpack_state', 'save_checkpoint',
-           'read_checkpoint_meta', 'load_checkpoint']
+__all__ = ['CHECKPOINT_FORMAT', 'MODEL_FORMAT', 'seed_everything', 'InputError', 'require', 'get_device', 'autocast',
+           'world_info', 'is_main_process', 'progress', 'to_uint8_hwc', 'image_grid', 'pack_state', 'unpack_state',
+           'save_checkpoint', 'read_checkpoint_meta', 'load_checkpoint', 'damaged', 'read_json', 'write_text_atomic',
+           'register_model', 'save_model', 'load_model', 'model_fingerprint']
 
 # %% ../nbs/00_core.ipynb #00_core-005
 def seed_everything(seed: int) -> None:
@@ -30,13 +31,23 @@ def seed_everything(seed: int) -> None:
 class InputError(ValueError):
     "Bad input from a user; the message names the problem and how to fix it."
 
+def require(cond, msg: str) -> None:
+    "Raise `InputError(msg)` unless `cond`: the one-line check behind every bad-input message."
+    if not cond: raise InputError(msg)
+
 # %% ../nbs/00_core.ipynb #00_core-012
 def get_device(name: str | None = None) -> torch.device:
     "The device to use: `name` if given ('cuda', 'cuda:1', 'mps', 'cpu'), else CUDA, then MPS, then CPU."
     if name is not None:
-        dev = torch.device(name)
+        try: dev = torch.device(name)
+        except (RuntimeError, TypeError): raise InputError(f"unknown device {name!r}; use cuda, cuda:N, mps or cpu") from None
         if dev.type == 'cuda' and not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} was asked for but CUDA is not available; use --device cpu")
+            raise InputError(f"device {name!r} was asked for but CUDA is not available; use --device cpu")
+        if dev.type == 'cuda' and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"device {name!r} does not exist (this machine has {torch.cuda.device_count()} GPUs)")
+        if dev.type == 'mps' and not (getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()):
+            raise InputError(f"device {name!r} was asked for but MPS is not available; use --device cpu")
+        if dev.type not in ('cuda', 'mps', 'cpu'): raise InputError(f"device {name!r} is not supported; use cuda, mps or cpu")
         return dev
     if torch.cuda.is_available(): return torch.device('cuda')
     if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available(): return torch.device('mps')
@@ -155,7 +166,7 @@ def save_checkpoint(path, state: dict, config: dict | None = None, step: int | N
     tensors, skeleton = pack_state(state)
     meta = {'format': CHECKPOINT_FORMAT, 'skeleton': json.dumps(skeleton), 'config': json.dumps(config or {}),
             'step': json.dumps(step)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp'); os.close(fd)
+    tmp = str(path.with_name(f'.{path.name}.tmp'))  # one fixed name: a killed write leaves it, the next write replaces it
     try:
         save_file(tensors, tmp, metadata=meta)
         with open(tmp, 'rb+') as f: os.fsync(f.fileno())
@@ -166,7 +177,9 @@ def save_checkpoint(path, state: dict, config: dict | None = None, step: int | N
 
 def read_checkpoint_meta(path) -> dict:
     "The config and step stored in a checkpoint, without reading its tensors."
-    with safe_open(str(path), framework='pt') as f: meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework='pt') as f: meta = f.metadata() or {}
+    except Exception as e: raise damaged(path, e) from None
     if meta.get('format') != CHECKPOINT_FORMAT: raise ValueError(f"{path} is not a dalle_course checkpoint")
     return {'config': json.loads(meta['config']), 'step': json.loads(meta['step'])}
 
@@ -175,9 +188,92 @@ def load_checkpoint(path, device: str | torch.device = 'cpu') -> dict:
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"no checkpoint at {path}")
     tensors = {}
-    with safe_open(str(path), framework='pt', device=str(device)) as f:
-        meta = f.metadata() or {}
-        if meta.get('format') != CHECKPOINT_FORMAT: raise ValueError(f"{path} is not a dalle_course checkpoint")
-        for k in f.keys(): tensors[k] = f.get_tensor(k)
-    return {'state': unpack_state(tensors, json.loads(meta['skeleton'])), 'config': json.loads(meta['config']),
-            'step': json.loads(meta['step'])}
+    try:
+        with safe_open(str(path), framework='pt', device=str(device)) as f:
+            meta = f.metadata() or {}
+            if meta.get('format') != CHECKPOINT_FORMAT: raise ValueError(f"{path} is not a dalle_course checkpoint")
+            for k in f.keys(): tensors[k] = f.get_tensor(k)
+        return {'state': unpack_state(tensors, json.loads(meta['skeleton'])), 'config': json.loads(meta['config']),
+                'step': json.loads(meta['step'])}
+    except ValueError as e:
+        if 'not a dalle_course checkpoint' in str(e): raise
+        raise damaged(path, e) from None
+    except Exception as e:  # safetensors' own errors (truncated header, random bytes, a pickle, an empty file)
+        raise damaged(path, e) from None
+
+def damaged(path, err) -> InputError:
+    "The one-line error for a file that exists but cannot be read: it names the file and what to do."
+    why = str(err).strip().splitlines()[0][:80] if str(err).strip() else type(err).__name__
+    return InputError(f"{path} is damaged or was not written by dalle-course ({why}); restore it, or write it "
+                      f"again (re-run the command that made it, with --overwrite)")
+
+def read_json(path, what: str = 'file'):
+    "The JSON content of `path`, with a one-line `InputError` if it is missing or damaged."
+    path = Path(path)
+    if not path.is_file(): raise InputError(f"no {what} at {path}")
+    try: return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise damaged(path, f'not JSON: {e}') from None
+
+def write_text_atomic(path, text: str) -> Path:
+    "Write `text` to `path` through a temporary file in the same folder, so a crash never leaves half a file."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.tmp')
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists(): tmp.unlink()
+    return path
+
+# %% ../nbs/00_core.ipynb #00_core-031
+MODEL_FORMAT = 'dalle_course/model/1'
+_MODELS: dict[str, tuple[str, type]] = {}  # 'module.Class' -> (role, class)
+
+def register_model(cls, role: str):
+    "Make `cls` loadable by `load_model` as a `role` model ('image_tokenizer', 'text_tokenizer', 'prior', ...)."
+    _MODELS[f'{cls.__module__}.{cls.__qualname__}'] = (role, cls)
+    return cls
+
+def _header(obj) -> dict:
+    return {'format': MODEL_FORMAT, 'role': obj.role, 'module': type(obj).__module__, 'class': type(obj).__qualname__,
+            'kind': getattr(obj, 'kind', None), 'config': obj.config}
+
+def save_model(obj, path, extra: dict | None = None, step: int | None = None) -> Path:
+    "Write a registered model to `path`: safetensors (weights + header) for an nn.Module, JSON for the rest."
+    path = Path(path)
+    if isinstance(obj, torch.nn.Module):
+        return save_checkpoint(path, {'model': dict(obj.state_dict())}, config={'model': _header(obj), **(extra or {})},
+                               step=step)
+    return write_text_atomic(path, json.dumps({**_header(obj), **(extra or {})}, ensure_ascii=False))
+
+def _class_of(h: dict, role: str, path, label: str) -> type:
+    key = f"{h.get('module')}.{h.get('class')}" if isinstance(h, dict) else ''
+    if key not in _MODELS and str(h.get('module', '') if isinstance(h, dict) else '').startswith('dalle_course.'):
+        import importlib; importlib.import_module(h['module'])  # defining the class registers it
+    if key not in _MODELS: raise InputError(f"{path} is not a dalle_course {label}; pass a file written by dalle-course")
+    r, cls = _MODELS[key]
+    if r != role: raise InputError(f"{path} holds a {r.replace('_', ' ')}, not a {label}; pass the right file")
+    return cls
+
+def load_model(path, role: str, device: str | torch.device = 'cpu', label: str | None = None):
+    "Rebuild the `role` model saved at `path` by `save_model` (an nn.Module comes back in eval mode on `device`)."
+    path, label = Path(path), label or role.replace('_', ' ')
+    if not path.is_file(): raise InputError(f"no {label} at {path}")
+    if path.suffix == '.json':
+        h = read_json(path, label)
+        cls = _class_of(h, role, path, label)
+        return cls.from_config(h['config'])
+    ck = load_checkpoint(path, device='cpu')
+    cls = _class_of(ck['config'].get('model'), role, path, label)
+    model = cls(**ck['config']['model']['config'])
+    try: model.load_state_dict(ck['state']['model'])
+    except RuntimeError as e: raise damaged(path, e) from None
+    return model.to(device).eval()
+
+def model_fingerprint(obj) -> str:
+    "sha256 (hex, 16 characters) of a model's class, config and tensors: equal exactly when the model is the same."
+    h = hashlib.sha256(json.dumps([type(obj).__qualname__, obj.config], sort_keys=True, default=str).encode())
+    if isinstance(obj, torch.nn.Module):
+        for k, v in obj.state_dict().items():
+            h.update(k.encode()); h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -13,7 +13,7 @@ from torch import nn
 
 from .core import InputError
 from .gumbel import gumbel_softmax
-from .imagetok import ImageTokenizer, code_counts, codebook_usage, perplexity
+from .image_tokenizer import ImageTokenizer, code_counts, codebook_usage, perplexity
 
 # %% auto #0
 __all__ = ['STYLES', 'DALLE_EPS', 'DALLE_DVAE', 'THESIS_TABLE5', 'THESIS_TABLE6_DVAE', 'THESIS_TABLE7_DVAE', 'MODEL_KEYS',
@@ -312,7 +312,7 @@ def dvae_from_table(table: dict, **overrides) -> DVAE:
 
 def dvae_hparams(style: str, steps: int, table: dict | None = None, **overrides) -> dict:
     "{'tau': Schedule, 'kl_weight': Schedule} for a run of `steps` updates: cosine for 'dalle', linear for 'thesis'."
-    from dalle_course.learner import Schedule
+    from dalle_course.schedules import Schedule
     if style not in STYLES: raise InputError(f"unknown style {style!r}; use 'dalle' or 'thesis'")
     if steps < 1: raise InputError(f"steps must be >= 1, got {steps}")
     bad = set(overrides) - set(SCHEDULE_KEYS)
@@ -332,7 +332,7 @@ def dvae_hparams(style: str, steps: int, table: dict | None = None, **overrides)
 # %% ../nbs/12_dvae.ipynb #12_dvae-053
 def tokenizer_eval_fn(max_images: int = 256, batch_size: int = 64):
     "An `eval_fn` for the learner: `evaluate_tokenizer` on the learner's eval data → {psnr, tok_mse, usage, perplexity}."
-    from dalle_course.imagetok import evaluate_tokenizer
+    from dalle_course.image_tokenizer import evaluate_tokenizer
     def fn(model, learner) -> dict:
         if learner.eval_data is None: return {}
         r = evaluate_tokenizer(model, learner.eval_data, batch_size=batch_size, max_images=max_images)

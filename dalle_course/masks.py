@@ -5,13 +5,16 @@
 # %% ../nbs/21_masks.ipynb #21_masks-002
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from .core import InputError
 
 # %% auto #0
-__all__ = ['MASK_KINDS', 'causal_mask', 'image_mask', 'plot_mask', 'dalle_layer_kinds', 'additive_mask', 'PadEmbedding']
+__all__ = ['MASK_KINDS', 'causal_mask', 'MaskSpec', 'CausalSpec', 'ImageSpec', 'image_mask', 'plot_mask', 'dalle_layer_kinds',
+           'dalle_layer_specs', 'additive_mask', 'PadEmbedding']
 
 # %% ../nbs/21_masks.ipynb #21_masks-005
 def causal_mask(n: int, device=None) -> torch.Tensor:
@@ -19,39 +22,118 @@ def causal_mask(n: int, device=None) -> torch.Tensor:
     i = torch.arange(n, device=device)
     return i[None, :] <= i[:, None]  # (n, n): key index <= query index
 
-# %% ../nbs/21_masks.ipynb #21_masks-010
+# %% ../nbs/21_masks.ipynb #21_masks-011
 MASK_KINDS = ('causal', 'row', 'column', 'conv')
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """An attention pattern over `length` positions (True = may attend): the predicate `mask_mod`, its dense
+    reference `dense`, and `is_causal` (True only for the plain causal pattern)."""
+    @property
+    def is_causal(self) -> bool: return False
+
+    @property
+    def mask_mod(self):
+        "FlexAttention `mask_mod(b, h, q_idx, kv_idx)`: bool tensor of the broadcast shape of `q_idx`, `kv_idx` (b, h unused)."
+        def mask_mod(b, h, q_idx, kv_idx): return self._allowed(q_idx, kv_idx)
+        return mask_mod  # a plain 4-argument function: FlexAttention counts arguments, and a bound method counts self
+
+    def _allowed(self, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor: raise NotImplementedError
+
+    def _dense(self, device) -> torch.Tensor: raise NotImplementedError  # (length, length)
+
+    def dense(self, n: int | None = None, device=None) -> torch.Tensor:
+        "Boolean `(n, n)` mask of the first `n` positions (default all `length`), built directly: the reference path."
+        n = self.length if n is None else n
+        if not 0 <= n <= self.length:
+            raise InputError(f"asked for the mask of {n} positions but the pattern covers {self.length}; pass n <= {self.length}")
+        return self._dense(device)[:n, :n]
+
+
+@dataclass(frozen=True)
+class CausalSpec(MaskSpec):
+    "Plain causal attention over `length` positions: query `i` sees keys `j <= i`."
+    length: int
+
+    def __post_init__(self):
+        if self.length < 1: raise InputError(f"a causal pattern needs length >= 1, got {self.length}")
+
+    @property
+    def is_causal(self) -> bool: return True
+
+    def _allowed(self, q_idx, kv_idx): return kv_idx <= q_idx
+
+    def _dense(self, device): return causal_mask(self.length, device=device)
+
+
+@dataclass(frozen=True)
+class ImageSpec(MaskSpec):
+    """Pattern `kind` in `MASK_KINDS` over [text (`text_len`); `h*w` image tokens in raster order]: text causal,
+    image sees all text, image → image by `kind` (`extent` for 'row', default `w + 1`; odd `kernel` for 'conv')."""
+    kind: str
+    text_len: int
+    h: int
+    w: int
+    extent: int | None = None
+    kernel: int = 11
+
+    def __post_init__(self):
+        if self.kind not in MASK_KINDS:
+            raise InputError(f"unknown mask kind {self.kind!r}; use one of {', '.join(MASK_KINDS)}")
+        if min(self.h, self.w) < 1 or self.text_len < 0:
+            raise InputError(f"need text_len >= 0 and an image grid h, w >= 1, got text_len={self.text_len}, h={self.h}, w={self.w}")
+        if self.kind == 'row' and self.row_extent < 1:
+            raise InputError(f"row extent must be >= 1 (it counts the token itself), got {self.row_extent}")
+        if self.kind == 'conv' and (self.kernel < 1 or self.kernel % 2 == 0):
+            raise InputError(f"conv kernel must be odd and >= 1, got {self.kernel}")
+
+    @property
+    def length(self) -> int: return self.text_len + self.h * self.w
+
+    @property
+    def row_extent(self) -> int: return self.w + 1 if self.extent is None else self.extent
+
+    @property
+    def is_causal(self) -> bool: return self.kind == 'causal'
+
+    def _allowed(self, q_idx, kv_idx):
+        w, half = self.w, self.kernel // 2
+        p, q = q_idx - self.text_len, kv_idx - self.text_len  # raster indices of image tokens (negative on text)
+        causal = kv_idx <= q_idx  # text causal, image sees all text, text never sees image
+        if self.kind == 'causal': return causal  # branching on the kind, never on index values
+        if self.kind == 'row': near = p - q < self.row_extent  # the last `extent` tokens, itself included
+        elif self.kind == 'column': near = p % w == q % w  # same column
+        else: near = (p // w - q // w <= half) & ((p % w - q % w).abs() <= half)  # causal half of the k×k window
+        return causal & ((q < 0) | near)  # a text key: causal decides; an image key (so an image query): also near
+
+    def _dense(self, device):
+        T, w = self.length, self.w
+        mask = causal_mask(T, device=device)  # (T, T): text causal, image sees text, text never sees image
+        p = torch.arange(self.h * w, device=device)  # raster index of each image token
+        r, c = p // w, p % w  # (hw,) row and column
+        P, Q = p[:, None], p[None, :]  # query, key raster indices, broadcast to (hw, hw)
+        img = Q <= P  # (hw, hw) causal in raster order
+        if self.kind == 'row':
+            img = img & (Q > P - self.row_extent)  # the last e tokens in raster order, itself included
+        elif self.kind == 'column':
+            img = img & (c[None, :] == c[:, None])  # same column, at or above
+        elif self.kind == 'conv':
+            half = self.kernel // 2
+            dr = r[:, None] - r[None, :]  # (hw, hw) rows above the query (>= 0 where causal)
+            dc = (c[:, None] - c[None, :]).abs()  # (hw, hw) column distance
+            img = img & (dr <= half) & (dc <= half)
+        mask[self.text_len:, self.text_len:] = img
+        return mask
+
 
 def image_mask(kind: str, text_len: int, h: int, w: int, *, extent: int | None = None, kernel: int = 11,
                device=None) -> torch.Tensor:
     """Boolean `(T, T)` mask (`True` = may attend), `T = text_len + h*w`, for the sequence [text; image tokens in
     raster order]: text causal, image sees all text, image → image by `kind` in `MASK_KINDS`."""
-    if kind not in MASK_KINDS:
-        raise InputError(f"unknown mask kind {kind!r}; use one of {', '.join(MASK_KINDS)}")
-    if min(h, w) < 1 or text_len < 0:
-        raise InputError(f"need text_len >= 0 and an image grid h, w >= 1, got text_len={text_len}, h={h}, w={w}")
-    T = text_len + h * w
-    mask = causal_mask(T, device=device)  # (T, T): text causal, image sees text, text never sees image
-    p = torch.arange(h * w, device=device)  # raster index of each image token
-    r, c = p // w, p % w  # (hw,) row and column
-    P, Q = p[:, None], p[None, :]  # query, key raster indices, broadcast to (hw, hw)
-    img = Q <= P  # (hw, hw) causal in raster order
-    if kind == 'row':
-        e = w + 1 if extent is None else extent
-        if e < 1: raise InputError(f"row extent must be >= 1 (it counts the token itself), got {e}")
-        img = img & (Q > P - e)  # the last e tokens in raster order, itself included
-    elif kind == 'column':
-        img = img & (c[None, :] == c[:, None])  # same column, at or above
-    elif kind == 'conv':
-        if kernel < 1 or kernel % 2 == 0: raise InputError(f"conv kernel must be odd and >= 1, got {kernel}")
-        half = kernel // 2
-        dr = r[:, None] - r[None, :]  # (hw, hw) rows above the query (>= 0 where causal)
-        dc = (c[:, None] - c[None, :]).abs()  # (hw, hw) column distance
-        img = img & (dr <= half) & (dc <= half)
-    mask[text_len:, text_len:] = img
-    return mask
+    return ImageSpec(kind, text_len, h, w, extent=extent, kernel=kernel).dense(device=device)
 
-# %% ../nbs/21_masks.ipynb #21_masks-014
+# %% ../nbs/21_masks.ipynb #21_masks-017
 def plot_mask(mask: torch.Tensor, text_len: int, w: int | None = None, ax=None, title: str | None = None):
     "Draw a boolean `(T, T)` mask (dark = may attend), outlining the text/image blocks; `w` adds image-row lines."
     import matplotlib.pyplot as plt
@@ -69,18 +151,24 @@ def plot_mask(mask: torch.Tensor, text_len: int, w: int | None = None, ax=None, 
     if title: ax.set_title(title, fontsize=9)
     return ax
 
-# %% ../nbs/21_masks.ipynb #21_masks-023
+# %% ../nbs/21_masks.ipynb #21_masks-026
 def dalle_layer_kinds(n_layers: int) -> list[str]:
     "Mask kind of each layer `i = 0..n_layers-1`: 'conv' for the last, 'column' where `(i - 2) % 4 == 0`, else 'row'."
     if n_layers < 1: raise InputError(f"n_layers must be >= 1, got {n_layers}")
     return ['conv' if i == n_layers - 1 else 'column' if (i - 2) % 4 == 0 else 'row' for i in range(n_layers)]
 
-# %% ../nbs/21_masks.ipynb #21_masks-028
+
+def dalle_layer_specs(depth: int, text_len: int, h: int, w: int, kernel: int = 11, *,
+                      extent: int | None = None) -> list[ImageSpec]:
+    "One `ImageSpec` per layer of DALL·E's pattern (`dalle_layer_kinds(depth)`) over [text (text_len); h×w image]."
+    return [ImageSpec(k, text_len, h, w, extent=extent, kernel=kernel) for k in dalle_layer_kinds(depth)]
+
+# %% ../nbs/21_masks.ipynb #21_masks-031
 def additive_mask(bool_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     "Float mask of `dtype` with 0 where `bool_mask` is True (may attend) and -inf where it is False."
     return torch.zeros(bool_mask.shape, dtype=dtype, device=bool_mask.device).masked_fill(~bool_mask, float('-inf'))
 
-# %% ../nbs/21_masks.ipynb #21_masks-033
+# %% ../nbs/21_masks.ipynb #21_masks-036
 class PadEmbedding(nn.Module):
     "Token embedding in which a pad at text position `t` gets its own learned vector `pad[t]` (DALL·E §2.2)."
     def __init__(self, vocab_size: int, text_len: int, dim: int, pad_id: int = 0, tok: nn.Embedding | None = None):

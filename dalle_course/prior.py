@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import InputError, load_checkpoint, save_checkpoint
-from .masks import PadEmbedding, causal_mask, dalle_layer_kinds, image_mask
+from .core import InputError, load_model, register_model, save_model
+from .masks import CausalSpec, PadEmbedding, dalle_layer_kinds, dalle_layer_specs, image_mask
 from .transformer import ImagePositions, TextPositions, Transformer
 
 # %% auto #0
-__all__ = ['MASK_PATTERNS', 'PRIORS', 'prior_masks', 'JointPrior', 'drop_text', 'prior_loss', 'SeparatePrior', 'save_prior',
-           'load_prior']
+__all__ = ['MASK_PATTERNS', 'PRIORS', 'prior_masks', 'prior_specs', 'Prior', 'AutoregressivePrior', 'JointPrior', 'drop_text',
+           'prior_loss', 'SeparatePrior', 'save_prior', 'load_prior']
 
 # %% ../nbs/23_prior.ipynb #23_prior-009
 MASK_PATTERNS = ('causal', 'dalle')
@@ -27,7 +27,60 @@ def prior_masks(pattern: str, depth: int, text_len: int, h: int, w: int, kernel:
     T = text_len + h * w
     return [image_mask(k, text_len, h, w, kernel=kernel)[:T - 1, :T - 1] for k in kinds]  # (T-1, T-1) each
 
+def prior_specs(pattern: str, depth: int, text_len: int, h: int, w: int, kernel: int = 11) -> list:
+    "The same masks as attention specs (lesson 21): the transformer takes SDPA's fused path for plain causal layers."
+    if pattern not in MASK_PATTERNS: raise InputError(f"unknown mask_pattern {pattern!r}; use 'causal' or 'dalle'")
+    if pattern == 'causal': return [CausalSpec(text_len + h * w)] * depth
+    return dalle_layer_specs(depth, text_len, h, w, kernel)
+
 # %% ../nbs/23_prior.ipynb #23_prior-012
+class Prior(nn.Module):
+    "The contract of every prior (see the table above); subclasses register for `load_model` automatically."
+    role, arch, sampler, sampler_options = 'prior', 'base', 'none', ()
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        register_model(cls, cls.role)
+
+    def _set_sizes(self, text_vocab: int, image_vocab: int, text_len: int, h: int, w: int, pad_id: int):
+        self.text_vocab, self.image_vocab, self.text_len, self.h, self.w = text_vocab, image_vocab, text_len, h, w
+        self.n_img, self.pad_id = h * w, pad_id
+
+    def null_text(self, B: int) -> torch.Tensor:
+        "The all-pad null caption `(B, L)` (the unconditional input of classifier-free guidance)."
+        return torch.full((B, self.text_len), self.pad_id, dtype=torch.long, device=next(self.parameters()).device)
+
+    @staticmethod
+    def loss_fn(model, batch, hp: dict | None = None):
+        "The learner's loss `(model, batch, hp) -> (loss, metrics)`; `model` may be a compiled or DDP wrapper."
+        return prior_loss(model, batch, hp)
+
+    def loss(self, batch, hp: dict | None = None): return type(self).loss_fn(self, batch, hp)
+
+    def check_options(self, options: dict) -> None:
+        "One-line error for a sampler option this prior's sampler does not take."
+        bad = sorted(set(options) - set(self.sampler_options))
+        if bad: raise InputError(f"the {self.sampler} sampler of a {self.arch} prior has no option {bad[0]!r}; "
+                                 f"use {', '.join(self.sampler_options)}")
+
+    def generate(self, text: torch.Tensor, **options) -> torch.Tensor: raise NotImplementedError
+
+
+class AutoregressivePrior(Prior):
+    "A prior sampled token by token in raster order through `prefix` / `extend` (the sampler of lesson 24)."
+    sampler = 'autoregressive'
+    sampler_options = ('temperature', 'top_k', 'top_p', 'guidance', 'given', 'generator', 'show_progress')
+
+    def prefix(self, text: torch.Tensor): raise NotImplementedError
+    def extend(self, state: dict, tokens: torch.Tensor) -> torch.Tensor: raise NotImplementedError
+
+    def generate(self, text: torch.Tensor, **options) -> torch.Tensor:
+        "Image tokens `(B, h, w)` for captions `text` (B, L), drawn by `dalle_course.sampling.sample`."
+        self.check_options(options)
+        from dalle_course.sampling import sample  # the sampler's lesson comes after this one
+        return sample(self, text, **options)
+
+# %% ../nbs/23_prior.ipynb #23_prior-014
 def _flat_image(image_tokens: torch.Tensor, n: int) -> torch.Tensor:
     "Image tokens `(B, h, w)` or `(B, h*w)` -> `(B, h*w)`."
     x = image_tokens.reshape(image_tokens.shape[0], -1)
@@ -38,28 +91,24 @@ def _check_text(text: torch.Tensor, L: int):
     if text.ndim != 2 or text.shape[1] != L: raise InputError(f"text has shape {tuple(text.shape)}, expected (B, {L}); pad or truncate with encode_batch(..., length={L})")
 
 
-class JointPrior(nn.Module):
+class JointPrior(AutoregressivePrior):
     "G1 (DALL·E): one decoder-only transformer over [text (L); image tokens (h*w)] with text and image heads."
-    kind = 'joint'
+    kind = arch = 'joint'
 
     def __init__(self, text_vocab: int, image_vocab: int, text_len: int, h: int, w: int, dim: int = 256,
                  depth: int = 4, n_heads: int = 4, mask_pattern: str = 'dalle', kernel: int = 11, mlp_ratio: int = 4,
                  dropout: float = 0.0, pad_id: int = 0, p_uncond: float = 0.1):
         super().__init__()
-        self.config = dict(kind=self.kind, text_vocab=text_vocab, image_vocab=image_vocab, text_len=text_len, h=h, w=w,
+        self.config = dict(text_vocab=text_vocab, image_vocab=image_vocab, text_len=text_len, h=h, w=w,
                            dim=dim, depth=depth, n_heads=n_heads, mask_pattern=mask_pattern, kernel=kernel,
                            mlp_ratio=mlp_ratio, dropout=dropout, pad_id=pad_id, p_uncond=p_uncond)
-        self.text_len, self.h, self.w, self.n_img, self.pad_id, self.p_uncond = text_len, h, w, h * w, pad_id, p_uncond
+        self._set_sizes(text_vocab, image_vocab, text_len, h, w, pad_id); self.p_uncond = p_uncond
         self.text_emb = PadEmbedding(text_vocab, text_len, dim, pad_id)
         self.image_emb = nn.Embedding(image_vocab, dim); nn.init.normal_(self.image_emb.weight, std=0.02)
         self.text_pos, self.image_pos = TextPositions(text_len, dim), ImagePositions(h, w, dim)
-        self.transformer = Transformer(dim, depth, n_heads, prior_masks(mask_pattern, depth, text_len, h, w, kernel),
-                                       mlp_ratio, dropout)
+        self.transformer = Transformer(dim, depth, n_heads, prior_specs(mask_pattern, depth, text_len, h, w, kernel),
+                                       mlp_ratio, dropout, max_len=text_len + h * w - 1)  # the input stream is T-1 long
         self.text_head, self.image_head = nn.Linear(dim, text_vocab), nn.Linear(dim, image_vocab)
-
-    def null_text(self, B: int) -> torch.Tensor:
-        "The all-pad null caption `(B, L)` (the unconditional input of classifier-free guidance)."
-        return torch.full((B, self.text_len), self.pad_id, dtype=torch.long, device=self.image_head.weight.device)
 
     def embed_image(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
         "Image tokens `(B, n)` at raster positions `start..start+n-1` -> `(B, n, D)`."
@@ -87,7 +136,7 @@ class JointPrior(nn.Module):
         state['n'] = i + tokens.shape[1]
         return self.image_head(y)
 
-# %% ../nbs/23_prior.ipynb #23_prior-023
+# %% ../nbs/23_prior.ipynb #23_prior-025
 def drop_text(text: torch.Tensor, p: float, pad_id: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
     "A copy of `text` (B, L) in which each row is, with probability `p`, replaced by the all-pad null text."
     if p <= 0: return text
@@ -118,30 +167,28 @@ def prior_loss(model: nn.Module, batch, hp: dict | None = None) -> tuple[torch.T
     loss = hp.get('w_text', 1 / 8) * ce_text + hp.get('w_img', 7 / 8) * ce_img
     return loss, {'ce_text': ce_text.detach(), 'ce_image': ce_img.detach()}
 
-# %% ../nbs/23_prior.ipynb #23_prior-026
-class SeparatePrior(nn.Module):
+# %% ../nbs/23_prior.ipynb #23_prior-028
+class SeparatePrior(AutoregressivePrior):
     "G2 (thesis): bidirectional text encoder + causal image decoder with cross-attention and a learned BOS."
-    kind = 'separate'
+    kind = arch = 'separate'
 
     def __init__(self, text_vocab: int, image_vocab: int, text_len: int, h: int, w: int, dim: int = 256,
                  depth: int = 4, enc_depth: int | None = None, n_heads: int = 4, mlp_ratio: int = 4,
                  dropout: float = 0.0, pad_id: int = 0, p_uncond: float = 0.1):
         super().__init__()
         enc_depth = depth if enc_depth is None else enc_depth
-        self.config = dict(kind=self.kind, text_vocab=text_vocab, image_vocab=image_vocab, text_len=text_len, h=h, w=w,
+        self.config = dict(text_vocab=text_vocab, image_vocab=image_vocab, text_len=text_len, h=h, w=w,
                            dim=dim, depth=depth, enc_depth=enc_depth, n_heads=n_heads, mlp_ratio=mlp_ratio,
                            dropout=dropout, pad_id=pad_id, p_uncond=p_uncond)
-        self.text_len, self.h, self.w, self.n_img, self.pad_id, self.p_uncond = text_len, h, w, h * w, pad_id, p_uncond
+        self._set_sizes(text_vocab, image_vocab, text_len, h, w, pad_id); self.p_uncond = p_uncond
         self.text_emb, self.text_pos = PadEmbedding(text_vocab, text_len, dim, pad_id), TextPositions(text_len, dim)
         self.encoder = Transformer(dim, enc_depth, n_heads, None, mlp_ratio, dropout)  # bidirectional
         self.bos = nn.Parameter(torch.randn(dim) * 0.02)  # (D,)
         self.image_emb = nn.Embedding(image_vocab, dim); nn.init.normal_(self.image_emb.weight, std=0.02)
         self.image_pos = ImagePositions(h, w, dim)
-        self.decoder = Transformer(dim, depth, n_heads, [causal_mask(h * w)] * depth, mlp_ratio, dropout,
+        self.decoder = Transformer(dim, depth, n_heads, [CausalSpec(h * w)] * depth, mlp_ratio, dropout,
                                    cross=True, ctx_dim=dim)
         self.image_head = nn.Linear(dim, image_vocab)
-
-    null_text = JointPrior.null_text
 
     def encode(self, text: torch.Tensor) -> torch.Tensor:
         "Text `(B, L)` -> encoded text `(B, L, D)` (the decoder's cross-attention context)."
@@ -174,19 +221,13 @@ class SeparatePrior(nn.Module):
         state['n'] = i + tokens.shape[1]
         return self.image_head(y)
 
-# %% ../nbs/23_prior.ipynb #23_prior-029
+# %% ../nbs/23_prior.ipynb #23_prior-031
 PRIORS = {'joint': JointPrior, 'separate': SeparatePrior}
 
-def save_prior(model: nn.Module, path, step: int | None = None):
-    "Write a prior's weights and `config` to `path` (safetensors)."
-    return save_checkpoint(path, {'model': dict(model.state_dict())}, config={'prior': model.config}, step=step)
+def save_prior(model: Prior, path, step: int | None = None, extra: dict | None = None):
+    "Write a prior's weights and `config` to `path` (safetensors) with `save_model`."
+    return save_model(model, path, extra=extra, step=step)
 
-def load_prior(path, device: str | torch.device = 'cpu') -> nn.Module:
-    "Rebuild a `JointPrior` / `SeparatePrior` saved by `save_prior` (in eval mode)."
-    ck = load_checkpoint(path, device)
-    cfg = dict(ck['config'].get('prior') or {})
-    kind = cfg.pop('kind', None)
-    if kind not in PRIORS: raise InputError(f"{path} holds no prior (config kind {kind!r}); pass a file written by save_prior")
-    model = PRIORS[kind](**cfg).to(device)
-    model.load_state_dict(ck['state']['model'])
-    return model.eval()
+def load_prior(path, device: str | torch.device = 'cpu') -> Prior:
+    "Rebuild any prior saved by `save_prior` (in eval mode)."
+    return load_model(path, 'prior', device)

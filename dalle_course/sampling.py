@@ -13,13 +13,14 @@ from torch import nn
 from .core import InputError, autocast, progress
 
 # %% auto #0
-__all__ = ['check_sampling_args', 'filter_logits', 'guide', 'eval_mode', 'sample', 'cached_logits', 'teacher_forced_ce',
-           'plot_ce_distribution']
+__all__ = ['check_sampling_args', 'filter_logits', 'guide', 'eval_mode', 'sample', 'cached_logits']
 
 # %% ../nbs/24_sampling.ipynb #24_sampling-010
-def check_sampling_args(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> None:
-    "Raise a one-line `InputError` for a temperature <= 0, a top_k < 1 or a top_p outside (0, 1]."
-    if not temperature > 0: raise InputError(f"temperature must be > 0, got {temperature}; use top_k=1 for greedy decoding")
+def check_sampling_args(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                        guidance: float = 1.0) -> None:
+    "Raise a one-line `InputError` for a temperature <= 0, a top_k < 1, a top_p outside (0, 1] or a non-finite guidance."
+    if not 0 < temperature < float('inf'): raise InputError(f"temperature must be a finite number > 0, got {temperature}; use top_k=1 for greedy decoding")
+    if not abs(guidance) < float('inf'): raise InputError(f"guidance must be a finite number (1 = no guidance), got {guidance}")
     if top_k is not None and not 1 <= top_k: raise InputError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1: raise InputError(f"top_p must be in (0, 1], got {top_p}")
 
@@ -63,7 +64,7 @@ def _check_given(given: torch.Tensor | None, B: int, prior) -> torch.Tensor | No
     if given is None: return None
     ok = given.ndim in (2, 3) and given.shape[0] == B and (given.ndim == 2 or given.shape[-1] == prior.w)
     g = given.reshape(B, -1) if ok and given.numel() else given.new_zeros(B, 0, dtype=torch.long)
-    K = prior.image_emb.num_embeddings
+    K = prior.image_vocab
     if not ok or g.shape[1] > prior.n_img:
         raise InputError(f"given tokens {tuple(given.shape)} do not fit {B} captions on the {prior.h}x{prior.w} grid; pass whole rows (B, r, {prior.w}) or a raster prefix (B, m <= {prior.n_img})")
     if g.numel() and (int(g.min()) < 0 or int(g.max()) >= K):
@@ -74,9 +75,10 @@ def _check_given(given: torch.Tensor | None, B: int, prior) -> torch.Tensor | No
 def sample(prior: nn.Module, text: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, guidance: float = 1.0, given: torch.Tensor | None = None,
            generator: torch.Generator | None = None, show_progress: bool = False) -> torch.Tensor:
-    """Draw image tokens `(B, h, w)` for captions `text` (B, L) from a `JointPrior` or `SeparatePrior`.
+    """Draw image tokens `(B, h, w)` for captions `text` (B, L) from an `AutoregressivePrior` (lesson 23).
     `guidance` != 1 runs conditional and null-text rows as one batch of 2B; `given` (B, m) or (B, r, w) fixes the
     first tokens in raster order (image completion). Inputs are never modified."""
+    check_sampling_args(temperature, top_k, top_p, guidance)
     dev, B, N = _device(prior), text.shape[0], prior.n_img
     text = text.to(dev)
     g = _check_given(given, B, prior)
@@ -106,35 +108,3 @@ def cached_logits(prior: nn.Module, text: torch.Tensor, image_tokens: torch.Tens
         state, l0 = prior.prefix(text)
         steps = [l0[:, None]] + [prior.extend(state, img[:, i:i + 1]) for i in range(img.shape[1] - 1)]
     return torch.cat(steps, 1)  # (B, N, K)
-
-# %% ../nbs/24_sampling.ipynb #24_sampling-030
-@torch.no_grad()
-def teacher_forced_ce(prior: nn.Module, data, batch_size: int = 64, max_items: int | None = None,
-                      show_progress: bool = False) -> torch.Tensor:
-    """Per-image mean image-token cross-entropy (nats) `(n,)` of `prior` on `data` (items (text, image) or
-    {'text', 'image'}), each token predicted from the caption and the true previous tokens."""
-    if max_items is not None: data = torch.utils.data.Subset(data, range(min(max_items, len(data))))
-    if len(data) == 0: raise InputError("the evaluation data is empty; pass a test split with at least one item")
-    dev, out = _device(prior), []
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size)
-    with eval_mode(prior), autocast(dev):
-        for batch in progress(loader, desc='teacher-forced CE', disable=not show_progress, leave=False):
-            text, img = (batch['text'], batch['image']) if isinstance(batch, dict) else batch[:2]
-            img = img.to(dev).reshape(img.shape[0], -1)  # (B, N)
-            logits = prior(text.to(dev), img)['image_logits'].float()  # (B, N, K)
-            ce = F.cross_entropy(logits.transpose(1, 2), img, reduction='none')  # (B, N)
-            out.append(ce.mean(1).cpu())
-    return torch.cat(out)  # (n,)
-
-def plot_ce_distribution(ces: dict, bins: int = 40, title: str | None = 'teacher-forced CE per test image'):
-    "Histogram (log-count axis, as the thesis's Fig. 23) of per-image CE for {name: (n,) tensor}."
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3))
-    hi = max(float(c.max()) for c in ces.values())
-    for name, c in ces.items():
-        ax.hist(c.numpy(), bins=bins, range=(0, hi), alpha=0.55, label=f'{name}: mean {float(c.mean()):.4f}')
-    ax.set_yscale('log'); ax.set_xlabel('cross-entropy per image token (nats)'); ax.set_ylabel('images')
-    ax.legend(fontsize=8)
-    if title: ax.set_title(title)
-    fig.tight_layout()
-    return fig

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .core import InputError
+from .core import InputError, load_model, register_model, save_model
 from .mdmnist import FIELDS, FIELD_TOKENS, N_SLOTS
 
 # %% auto #0
@@ -29,9 +29,12 @@ class TextTokenizer:
     kind = 'base'
     pad_id = 0
 
+    role = 'text_tokenizer'
+
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
-        _TEXT_KINDS[cls.kind] = cls   # kind -> class, for load_text_tokenizer
+        _TEXT_KINDS[cls.kind] = cls   # kind -> class, for text_tokenizer_from_dict
+        register_model(cls, cls.role)  # the one model registry: save_model / load_model
 
     def __init__(self, vocab):
         self.vocab = list(vocab)
@@ -82,13 +85,19 @@ class TextTokenizer:
     @classmethod
     def _from_dict(cls, d: dict): return cls(d['vocab'])
 
+    @property
+    def config(self) -> dict:
+        "What rebuilds this tokenizer (`from_config`): its `to_dict()` without the format and kind."
+        return {k: v for k, v in self.to_dict().items() if k not in ('format', 'kind')}
+
+    @classmethod
+    def from_config(cls, config: dict): return cls._from_dict(config)
+
     def save(self, path) -> Path:
-        "Write the tokenizer as JSON to `path` (a file, or a folder that gets text_tokenizer.json)."
+        "Write the tokenizer as JSON to `path` (a file, or a folder that gets text_tokenizer.json) with `save_model`."
         path = Path(path)
         if path.is_dir(): path = path / TEXT_TOKENIZER_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), ensure_ascii=False))
-        return path
+        return save_model(self, path)
 
     def __repr__(self): return f"{type(self).__name__}(vocab_size={self.vocab_size})"
 
@@ -103,9 +112,7 @@ def load_text_tokenizer(path) -> TextTokenizer:
     path = Path(path)
     if path.is_dir(): path = path / TEXT_TOKENIZER_FILE
     if not path.is_file(): raise InputError(f"no text tokenizer at {path}; pass the JSON file written by save (or its folder)")
-    try: d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError): raise InputError(f"{path} is not JSON; pass the file written by TextTokenizer.save") from None
-    return text_tokenizer_from_dict(d)
+    return load_model(path, 'text_tokenizer')
 
 # %% ../nbs/20_text.ipynb #20_text-008
 class AttributeTokenizer(TextTokenizer):

@@ -14,7 +14,7 @@ from torch import nn
 
 from .core import InputError
 from .dvae import Encoder, Decoder
-from .imagetok import ImageTokenizer
+from .image_tokenizer import ImageTokenizer
 
 # %% auto #0
 __all__ = ['THESIS_TABLE5_VQVAE', 'exact_fp32', 'code_distances', 'nearest_codes', 'batch_code_stats', 'ema_codebook_update',
@@ -277,7 +277,7 @@ def vqvae_loss(model: VQVAE, batch: dict, hp: dict) -> tuple[torch.Tensor, dict]
 
 def vqvae_hparams(steps: int, beta: float | None = None, beta_warmup: int = 0) -> dict:
     "Scheduled hyperparameters of a VQ-VAE run of `steps` steps: {} (β from the model) or {'beta': Schedule}."
-    from dalle_course.learner import Schedule
+    from dalle_course.schedules import Schedule
     if beta is None: return {}
     return {'beta': Schedule.linear(0.0, beta, min(beta_warmup, steps)) if beta_warmup else Schedule.constant(beta)}
 

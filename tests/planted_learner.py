@@ -1,4 +1,4 @@
-"""Planted answers for the learner lesson's exercises (03_learner): the reference and plausible mistakes."""
+"""Planted answers for the learner lesson's exercises (06_learner): the reference and plausible mistakes."""
 import math
 
 import torch

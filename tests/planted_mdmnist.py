@@ -1,4 +1,4 @@
-"Planted answers for the MD-MNIST exercises (02_mdmnist): the library's versions pass, plausible mistakes fail."
+"Planted answers for the MD-MNIST exercises (03_mdmnist): the library's versions pass, plausible mistakes fail."
 import numpy as np
 
 from dalle_course.mdmnist import colorize, slot_box

@@ -120,7 +120,7 @@ def test_bad_network_arguments(kw):
 from dalle_course.dvae import (DALLE_DVAE, DVAE, THESIS_TABLE5, THESIS_TABLE6_DVAE, THESIS_TABLE7_DVAE, batch_usage_kl,
                                code_distribution, dvae_from_table, dvae_hparams, dvae_loss, kl_to_uniform,
                                logit_laplace_nll, map_pixels, tokenizer_eval_fn, unmap_pixels)
-from dalle_course.imagetok import TOKENIZER_FILE, code_counts, load_tokenizer
+from dalle_course.image_tokenizer import TOKENIZER_FILE, code_counts, load_tokenizer
 from dalle_course.learner import Learner, Schedule, TrainConfig
 
 

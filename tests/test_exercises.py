@@ -9,7 +9,7 @@ from dalle_course.exercises import BEGIN, END, strip_solutions, write_learner_co
 from dalle_course.core import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
-LESSONS_WITH_EXERCISES = {'02_mdmnist.ipynb': 2, '03_learner.ipynb': 2, '10_gumbel.ipynb': 3, '12_dvae.ipynb': 3,
+LESSONS_WITH_EXERCISES = {'03_mdmnist.ipynb': 2, '05_schedules.ipynb': 1, '06_learner.ipynb': 1, '10_gumbel.ipynb': 3, '12_dvae.ipynb': 3,
                           '13_vqvae.ipynb': 3, '20_text.ipynb': 3, '21_masks.ipynb': 3, '22_transformer.ipynb': 3, '23_prior.ipynb': 3, '24_sampling.ipynb': 3}  # lesson: minimum number of exercises
 
 

@@ -258,9 +258,12 @@ def test_write_out_rules(tmp_path):
 def test_overwrite_replaces_completely(tmp_path):
     out = tmp_path / 'md'
     write_mdmnist(out, 30, seed=1, show_progress=False)
-    (out / 'extra.txt').write_text('stale')
+    (out / 'extra.txt').write_text('mine')
     with pytest.raises(InputError, match='overwrite'): write_mdmnist(out, 10, seed=2)
-    assert len(np.load(out / 'images.npy')) == 30
+    # a file the tool did not write is never deleted: --overwrite refuses and names it
+    with pytest.raises(InputError, match='extra.txt'): write_mdmnist(out, 10, seed=2, overwrite=True)
+    assert len(np.load(out / 'images.npy')) == 30 and (out / 'extra.txt').read_text() == 'mine'
+    (out / 'extra.txt').unlink()
     write_mdmnist(out, 10, seed=2, size=64, overwrite=True, show_progress=False)
     assert listing(tmp_path) == ['md'] + [f'md/{f}' for f in sorted(['images.npy', 'captions.txt', 'attributes.npy',
                                                                       'sources.npy', 'meta.json'])]
@@ -295,7 +298,7 @@ def test_dataset(tmp_path):
     assert ds.attributes.shape == (24, 3, 4)
     for i in (0, 7, 23):
         it = ds[i]
-        assert set(it) == {'image', 'attributes', 'caption', 'index'} and it['index'] == i
+        assert set(it) == {'image', 'attributes', 'caption', 'captions', 'index'} and it['index'] == i and it['captions'] == [it['caption']]
         assert it['image'].dtype == torch.float32 and it['image'].shape == (3, 64, 64)
         assert 0 <= it['image'].min() and it['image'].max() <= 1
         torch.testing.assert_close(it['image'], torch.from_numpy(raw[i]).permute(2, 0, 1).float() / 255)

@@ -9,7 +9,8 @@ from torch.testing import assert_close
 
 from dalle_course.core import InputError, seed_everything
 from dalle_course.prior import JointPrior, SeparatePrior
-from dalle_course.sampling import cached_logits, filter_logits, guide, sample, teacher_forced_ce
+from dalle_course.evaluation import teacher_forced_ce
+from dalle_course.sampling import cached_logits, filter_logits, guide, sample
 
 L, H, W, V, K = 6, 4, 5, 15, 24
 

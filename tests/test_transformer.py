@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from dalle_course.core import InputError
-from dalle_course.masks import additive_mask, causal_mask, dalle_layer_kinds, image_mask
+from dalle_course.masks import CausalSpec, additive_mask, causal_mask, dalle_layer_kinds, dalle_layer_specs, image_mask
 from dalle_course.transformer import (Block, ImagePositions, KVCache, MultiHeadAttention, TextPositions,
                                       Transformer)
 
@@ -58,6 +58,8 @@ def decode(model, x, chunks, context=None, max_len=None):
 PATTERNS = {
     'causal': lambda: [causal_mask(T)] * 3,
     'dalle': lambda: [image_mask(k, L, H_IMG, W_IMG, kernel=3) for k in dalle_layer_kinds(4)],
+    'causal_spec': lambda: [CausalSpec(T)] * 3,  # fused SDPA path
+    'dalle_spec': lambda: dalle_layer_specs(4, L, H_IMG, W_IMG, kernel=3),
 }
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from dalle_course.core import InputError
-from dalle_course.imagetok import TOKENIZER_FILE, code_counts, codebook_usage, load_tokenizer, perplexity
+from dalle_course.image_tokenizer import TOKENIZER_FILE, code_counts, codebook_usage, load_tokenizer, perplexity
 from dalle_course.learner import Learner, Schedule, TrainConfig
 from dalle_course.vqvae import (THESIS_TABLE5_VQVAE, VQVAE, VectorQuantizer, code_distances, kmeans, kmeans_plus_plus,
                                 nearest_codes, vqvae_hparams, vqvae_loss, vqvae_param_groups)

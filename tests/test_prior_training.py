@@ -7,12 +7,12 @@ from helpers import StopAt, cli, one_line_error, write_splits
 from torch.testing import assert_close
 
 from dalle_course.core import InputError
-from dalle_course.imagetok import PatchColourTokenizer
+from dalle_course.image_tokenizer import PatchColourTokenizer
 from dalle_course.prior import PRIORS, JointPrior, SeparatePrior
-from dalle_course.sampling import teacher_forced_ce
-from dalle_course.stage1 import train_tokenizer
-from dalle_course.stage2 import (PRIOR_PRESETS, encode_prompts, generate, load_prior_run, resolve_prior_recipe,
-                                 text_tokenizer_for, train_prior)
+from dalle_course.evaluation import teacher_forced_ce
+from dalle_course.tokenizer_training import train_tokenizer
+from dalle_course.prior_training import (PRIOR_PRESETS, encode_prompts, fit_text_tokenizer, generate, load_prior_run,
+                                         resolve_prior_recipe, train_prior)
 from dalle_course.text import AttributeTokenizer, WordTokenizer
 
 SMALL = {'model': {'dim': 32, 'depth': 1, 'enc_depth': 1, 'n_heads': 2}}
@@ -42,7 +42,7 @@ def test_thesis_preset_is_table6(arch):
     m, t = r['model'], r['train']
     assert (m['dim'], m['depth'], m['n_heads'], m['dropout']) == (512, 12, 8, 0.1)
     assert m.get('enc_depth') == (6 if arch == 'separate' else None)
-    per_epoch = math.ceil(10_000 / 12)
+    per_epoch = 10_000 // 12  # one epoch = the sampler's full batches
     assert (t['batch_size'], t['lr'], t['gamma'], t['lr_schedule']) == (12, 1e-3, 0.1, 'multistep')
     assert t['steps'] == 20 * per_epoch and t['milestones'] == [5 * per_epoch, 10 * per_epoch]
     assert r['hparams'] == {'w_text': 1 / 8, 'w_img': 7 / 8}
@@ -70,10 +70,13 @@ def test_every_preset_builds_both_archs():
 
 
 def test_text_tokenizer_choice():
-    tok, L = text_tokenizer_for(['7 30 r up 2 20 w down 9 40 g middle', '1 20 b down 3 30 g up 5 40 w middle'])
-    assert isinstance(tok, AttributeTokenizer) and L == 12
-    tok, L = text_tokenizer_for(['a small red bird', 'this bird has black wings and a white belly'])
-    assert isinstance(tok, WordTokenizer) and L == 9
+    tok, spec = fit_text_tokenizer({'kind': 'attributes'}, [['7 30 r up 2 20 w down 9 40 g middle'], ['1 20 b down 3 30 g up 5 40 w middle']])
+    assert isinstance(tok, AttributeTokenizer) and spec['length'] == 12
+    with pytest.raises(InputError, match='not an MD-MNIST description'):
+        fit_text_tokenizer({'kind': 'attributes'}, [['a small red bird']])
+    tok, spec = fit_text_tokenizer({'kind': 'words'}, [['a small red bird', 'this bird has black wings and a white belly']])
+    assert isinstance(tok, WordTokenizer) and spec['length'] == 9
+    L = spec['length']
     t = encode_prompts(tok, ['a red bird'], L)
     assert t.shape == (1, 9) and (t[0, 3:] == tok.pad_id).all()
     with pytest.raises(InputError, match='1 to 9'): encode_prompts(tok, ['bird ' * 10], L)
@@ -207,7 +210,8 @@ def test_cli_help_lists_archs_presets_and_demo():
 
 def test_cli_demo_refuses_a_used_folder_and_unknown_preset(tmp_path):
     (tmp_path / 'keep.txt').write_text('mine')
-    one_line_error(cli('demo', '--out', tmp_path), '--overwrite')
+    one_line_error(cli('demo', '--out', tmp_path), 'did not write')
+    one_line_error(cli('demo', '--out', tmp_path, '--overwrite'), 'did not write')  # never deleted, even so
     one_line_error(cli('demo', '--preset', 'huge', '--out', tmp_path / 'x'), '--preset')
     assert (tmp_path / 'keep.txt').read_text() == 'mine' and not (tmp_path / 'x').exists()
 
@@ -215,7 +219,7 @@ def test_cli_demo_refuses_a_used_folder_and_unknown_preset(tmp_path):
 def test_demo_presets_resolve_to_buildable_recipes():
     "Without training: each demo preset's tokenizer and prior recipes resolve and build for its data size."
     from dalle_course.demo import DEMO_PRESETS
-    from dalle_course.stage1 import build_tokenizer, resolve_recipe
+    from dalle_course.tokenizer_training import build_tokenizer, resolve_recipe
     for name, p in DEMO_PRESETS.items():
         tk, pr = p['tokenizer'], p['prior']
         rt = resolve_recipe(tk['kind'], tk['preset'], p['size'], p['n_train'], tk.get('steps'), tk.get('batch_size'),

@@ -6,9 +6,9 @@ import torch
 from helpers import StopAt, cli, one_line_error, write_splits
 
 from dalle_course.core import InputError, load_checkpoint
-from dalle_course.imagetok import load_tokenizer
+from dalle_course.image_tokenizer import load_tokenizer
 from dalle_course.mdmnist import MDMNIST
-from dalle_course.stage1 import KINDS, PRESETS, resolve_recipe, train_tokenizer
+from dalle_course.tokenizer_training import KINDS, PRESETS, resolve_recipe, train_tokenizer
 
 
 @pytest.fixture(scope='module')
@@ -40,7 +40,7 @@ def test_thesis_mdmnist_preset_is_table6():
 def test_thesis_cub_presets_are_table7(preset, size, epochs, batch, miles, tau, kl):
     n = 11788 // 2                                      # about CUB's train split
     r = resolve_recipe('dvae-thesis', preset, image_size=size, n_train=n)
-    per_epoch = math.ceil(n / batch)
+    per_epoch = n // batch  # one epoch = the sampler's full batches
     assert r['train']['steps'] == epochs * per_epoch and r['train']['lr'] == 0.001
     assert r['train']['milestones'] == [e * per_epoch for e in miles]
     assert (r['model']['hidden'], r['model']['n_res_down'], r['model']['n_res_bottleneck']) == (512, 6, 4)
@@ -103,7 +103,7 @@ def test_cli_trains_every_kind(kind, data, tmp_path):
 def test_training_reduces_reconstruction_error(data):
     res = train_tokenizer('dvae-thesis', data / 'train', 'tiny', test=data / 'test', steps=40, eval_every=40)
     tok0 = resolve_recipe('dvae-thesis', 'tiny', 64, 96)
-    from dalle_course.stage1 import build_tokenizer
+    from dalle_course.tokenizer_training import build_tokenizer
     torch.manual_seed(0)
     untrained = build_tokenizer(tok0).eval()
     assert res['test']['mse'] < 0.8 * _indep_mse(untrained, data / 'test')
@@ -186,7 +186,7 @@ def test_bench_tokenizers_cli(data, tmp_path):
 @pytest.mark.parametrize('preset', [p for p in PRESETS if p != 'tiny'])
 def test_every_full_size_preset_builds(preset):
     "The GPU/thesis presets are never trained in CI; at least their models build with the tables' sizes."
-    from dalle_course.stage1 import build_tokenizer
+    from dalle_course.tokenizer_training import build_tokenizer
     for kind in PRESETS[preset]['kinds']:
         size = PRESETS[preset]['image_size']
         model = build_tokenizer(resolve_recipe(kind, preset, image_size=size, n_train=1000))
@@ -195,7 +195,7 @@ def test_every_full_size_preset_builds(preset):
 
 @pytest.mark.parametrize('kind', KINDS)
 def test_gpu_preset_computes_a_finite_loss(kind):
-    from dalle_course.stage1 import build_tokenizer, tokenizer_hparams, tokenizer_loss
+    from dalle_course.tokenizer_training import build_tokenizer, tokenizer_hparams, tokenizer_loss
     torch.manual_seed(0)
     r = resolve_recipe(kind, 'gpu-mdmnist', image_size=128, n_train=1000)
     model = build_tokenizer(r).train()

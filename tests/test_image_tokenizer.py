@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dalle_course.core import InputError, save_checkpoint
-from dalle_course.imagetok import (TOKENIZER_FILE, ImageTokenizer, PatchColourTokenizer, code_counts,
+from dalle_course.image_tokenizer import (TOKENIZER_FILE, ImageTokenizer, PatchColourTokenizer, code_counts,
                                    codebook_usage, evaluate_tokenizer, load_tokenizer, perplexity, psnr)
 
 
