@@ -103,6 +103,9 @@ def run_sample(args) -> int:
     prompts = _read_prompts(args)
     if args.out.suffix.lower() not in ('.png', '.jpg', '.jpeg', '.pdf', '.svg'):
         raise InputError(f"--out {args.out} must be an image file name such as grid.png")
+    if args.out.exists() and not args.overwrite:
+        raise InputError(f"--out {args.out} already exists; pass --overwrite to replace it or choose another file name")
+    if args.out.is_dir(): raise InputError(f"--out {args.out} is a folder; give an image file name such as grid.png")
     prior, itok, ttok = load_prior_run(args.prior, args.device)
     t0 = time.time()
     fig, images = sample_figure(prior, itok, ttok, prompts, n=args.n, seed=args.seed, temperature=args.temperature,
@@ -161,6 +164,11 @@ def _size(s: str) -> int:
 def _presets_help(presets: dict, extra=lambda v: '') -> str:
     return "\n\npresets:\n" + "\n".join(f"  {k:15s} {v['doc']}{extra(v)}" for k, v in presets.items())
 
+def _device_seed_args(p: argparse.ArgumentParser):
+    "--device and --seed, which every command that computes takes."
+    p.add_argument('--device', default=None, help='cuda, mps or cpu (default: the best available)')
+    p.add_argument('--seed', type=int, default=0, help='random seed')
+
 def _training_args(p: argparse.ArgumentParser, out_help: str, presets: dict, resume: bool = True):
     "The options every training command shares (data, preset, run length, device, and --resume if `resume`)."
     p.add_argument('--data', type=Path, required=True, help='training images: an MD-MNIST folder')
@@ -173,8 +181,7 @@ def _training_args(p: argparse.ArgumentParser, out_help: str, presets: dict, res
     p.add_argument('--batch-size', type=_positive_int, default=None, help="batch size (default: the preset's)")
     p.add_argument('--eval-every', type=_positive_int, default=None,
                    help='evaluate on the test data every N steps (default: 10 to 20 times per run)')
-    p.add_argument('--device', default=None, help='cuda, mps or cpu (default: the best available)')
-    p.add_argument('--seed', type=int, default=0, help='random seed')
+    _device_seed_args(p)
     if resume: p.add_argument('--resume', action='store_true', help='continue the run in --out from its checkpoint')
     p.add_argument('--overwrite', action='store_true',
                    help='replace the run in --out: the files it wrote are deleted first (never any other file)')
@@ -232,14 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument('--prior', type=Path, required=True, help='a `train prior` run folder')
     sm.add_argument('--n', type=_positive_int, default=16, help='images per prompt')
     sm.add_argument('--out', type=Path, required=True, help='image file for the grid, e.g. grid.png')
+    sm.add_argument('--overwrite', action='store_true', help='replace --out if it exists')
     sm.add_argument('--temperature', type=float, default=1.0, help='softmax temperature (> 0)')
     sm.add_argument('--top-k', type=_positive_int, default=None, help='sample among the k most likely tokens only')
     sm.add_argument('--top-p', type=float, default=None, help='nucleus sampling: smallest set of tokens with this mass')
     sm.add_argument('--guidance', type=float, default=1.0,
                     help='classifier-free guidance scale (1 = plain conditional sampling, 3 = stronger prompt adherence)')
     sm.add_argument('--batch-size', type=_positive_int, default=64, help='images sampled at once')
-    sm.add_argument('--device', default=None, help='cuda, mps or cpu (default: the best available)')
-    sm.add_argument('--seed', type=int, default=0, help='random seed')
+    _device_seed_args(sm)
     sm.set_defaults(func=run_sample)
 
     from dalle_course.demo import DEMO_PRESETS
@@ -252,8 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument('--preset', default='cpu', choices=list(DEMO_PRESETS), help='pipeline size (default: cpu)')
     dm.add_argument('--out', type=Path, default=Path('runs/demo'), help='output folder (default: runs/demo)')
     dm.add_argument('--overwrite', action='store_true', help='replace a non-empty --out folder')
-    dm.add_argument('--device', default=None, help='cuda, mps or cpu (default: the best available)')
-    dm.add_argument('--seed', type=int, default=0, help='random seed')
+    _device_seed_args(dm)
     dm.set_defaults(func=run_demo)
 
     be = sub.add_parser('bench', help='benchmarks that compare variants (tokenizers)',

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .core import InputError, load_model, progress, register_model, save_model
+from .runs import FILES
 
 # %% auto #0
 __all__ = ['TOKENIZER_FILE', 'ImageTokenizer', 'load_tokenizer', 'PatchColourTokenizer', 'code_counts', 'codebook_usage',
@@ -57,7 +58,7 @@ class ImageTokenizer(nn.Module):
         "Write weights, config and class to `path` (a .safetensors file) with `save_model`."
         return save_model(self, path, extra=extra)
 
-TOKENIZER_FILE = 'tokenizer.safetensors'
+TOKENIZER_FILE = FILES['tokenizer']  # the one table of file names (lesson 01)
 
 def load_tokenizer(path, device: str | torch.device = 'cpu') -> ImageTokenizer:
     "Rebuild any tokenizer saved with `ImageTokenizer.save` (a file, or a run folder holding tokenizer.safetensors)."

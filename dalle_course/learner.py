@@ -162,8 +162,16 @@ class NonFiniteLossError(RuntimeError):
 
 # %% ../nbs/06_learner.ipynb #06_learner-020
 def read_metrics(path) -> list[dict]:
-    "The records of a metrics.jsonl file."
-    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+    "The records of a metrics.jsonl file; a half-written last line (a killed run) is dropped, other damage is one line."
+    lines = [l for l in Path(path).read_text(errors='replace').splitlines() if l.strip()]
+    out = []
+    for i, l in enumerate(lines):
+        try: out.append(json.loads(l))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1: break  # the record a killed process was writing
+            from dalle_course.core import damaged
+            raise damaged(path, f'line {i + 1} is not JSON: {e}') from None
+    return out
 
 def plot_metrics(src, title: str | None = None):
     "Figure with train/eval loss, learning rate and scheduled hyperparameters vs step, from a metrics.jsonl path or records."

@@ -64,7 +64,7 @@ def resolve_prior_recipe(arch: str, preset: str, n_train: int, text_vocab: int, 
     _check(arch in ARCHS, f"unknown prior architecture {arch!r}; use one of {', '.join(ARCHS)}")
     _check(preset in PRIOR_PRESETS, f"unknown preset {preset!r}; use one of {', '.join(PRIOR_PRESETS)}")
     p, cls = dict(PRIOR_PRESETS[preset]), PRIORS[arch]
-    if 'batch_tokens' in p: p['batch_size'] = max(2, p['batch_tokens'] // (text_len + h * w))
+    if 'batch_tokens' in p: p['batch_size'] = min(32, max(2, p['batch_tokens'] // (text_len + h * w)))  # 32 at most
     train, _ = resolve_train(p, n_train, steps, batch_size, seed)
     overrides = dict(overrides or {})
     net = {**p['model'], **overrides.pop('model', {})}  # network overrides first: they may name either arch's keys
@@ -109,7 +109,8 @@ def fit_text_tokenizer(spec: dict, captions: list[list[str]]) -> tuple[TextToken
         return tok, {**spec, 'length': tok.length}
     tok = WordTokenizer.fit(flat) if kind == 'words' else BPETokenizer.train(flat, spec.get('vocab_size', 1000))
     L = max(1, max(len(tok.encode(c)) for c in flat))
-    if spec.get('dropout', 0) > 0: L = L + L // 4  # dropout segments into more pieces: room for a quarter more
+    if spec.get('dropout', 0) > 0:  # BPE-dropout may skip every merge: room for the unmerged characters + </w> of each word
+        L = max(L, max(sum(len(w) + 1 for w in tok.pre_tokenize(c)) for c in flat))
     return tok, {**spec, 'length': L}
 
 class CaptionTokens(torch.utils.data.Dataset):

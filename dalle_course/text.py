@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .core import InputError, load_model, register_model, save_model
-from .mdmnist import FIELDS, FIELD_TOKENS, N_SLOTS
+from .runs import FILES
 
 # %% auto #0
 __all__ = ['TEXT_FORMAT', 'TEXT_TOKENIZER_FILE', 'PAD', 'UNK', 'EOW', 'TextTokenizer', 'text_tokenizer_from_dict',
@@ -21,7 +21,7 @@ __all__ = ['TEXT_FORMAT', 'TEXT_TOKENIZER_FILE', 'PAD', 'UNK', 'EOW', 'TextToken
 # %% ../nbs/20_text.ipynb #20_text-006
 _TEXT_KINDS: dict[str, type] = {}
 TEXT_FORMAT = 'dalle_course/text-tokenizer/1'
-TEXT_TOKENIZER_FILE = 'text_tokenizer.json'
+TEXT_TOKENIZER_FILE = FILES['text_tokenizer']  # the one table of file names (lesson 01)
 PAD, UNK = '<pad>', '<unk>'
 
 class TextTokenizer:
@@ -116,31 +116,47 @@ def load_text_tokenizer(path) -> TextTokenizer:
 
 # %% ../nbs/20_text.ipynb #20_text-008
 class AttributeTokenizer(TextTokenizer):
-    "MD-MNIST descriptions: exactly 12 tokens (value size colour position) x 3 from a fixed 21-id vocabulary."
+    """Descriptions of an attribute dataset: `n_slots` objects, each described by one token per field in a fixed
+    order, every field from a fixed list. The schema (`fields`: name -> allowed tokens) defaults to MD-MNIST's:
+    exactly 12 tokens (value size colour position) x 3 from a fixed 21-id vocabulary."""
     kind = 'attributes'
-    length = 4 * N_SLOTS
 
-    def __init__(self, vocab=None):
-        fixed = [PAD] + [t for toks in FIELD_TOKENS for t in toks]
+    def __init__(self, vocab=None, fields: dict | None = None, n_slots: int | None = None):
+        if fields is None:  # the default schema is MD-MNIST's, read from the dataset's module only when asked for
+            from dalle_course.mdmnist import FIELDS, FIELD_TOKENS, N_SLOTS
+            fields, n_slots = dict(zip(FIELDS, FIELD_TOKENS)), N_SLOTS if n_slots is None else n_slots
+            self.example = '7 30 r up 2 20 w down 9 40 g middle'
+        self.fields, self.n_slots = {k: tuple(v) for k, v in fields.items()}, int(n_slots or 1)
+        self.names, self.tokens = list(self.fields), list(self.fields.values())
+        self.length = len(self.names) * self.n_slots
+        fixed = [PAD] + [t for toks in self.tokens for t in toks]
         if vocab is not None and list(vocab) != fixed:
-            raise InputError("this attribute tokenizer's vocabulary differs from dalle_course.mdmnist's; it was saved by another version, refit or upgrade")
+            raise InputError("this attribute tokenizer's vocabulary differs from its schema's; it was saved by another version, refit or upgrade")
         super().__init__(fixed)
-        self.field_of = {t: FIELDS[f] for f, toks in enumerate(FIELD_TOKENS) for t in toks}  # word -> its type
+        self.field_of = {t: self.names[f] for f, toks in enumerate(self.tokens) for t in toks}  # word -> its type
+        if not hasattr(self, 'example'): self.example = ' '.join(toks[0] for _ in range(self.n_slots) for toks in self.tokens)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), 'fields': {k: list(v) for k, v in self.fields.items()}, 'n_slots': self.n_slots}
+
+    @classmethod
+    def _from_dict(cls, d: dict): return cls(d['vocab'], d.get('fields'), d.get('n_slots'))
 
     def normalize(self, text: str) -> str: return ' '.join(str(text).split())
 
     def encode(self, text: str) -> list[int]:
-        words = str(text).split()
-        example = "'7 30 r up 2 20 w down 9 40 g middle'"
-        if not words: raise InputError(f"the description is empty; write {self.length} tokens (value size colour position for each of 3 digits) like {example}")
+        words, F = str(text).split(), len(self.names)
+        what = f"{' '.join(self.names)} for each of {self.n_slots} objects"
+        example = repr(self.example)
+        if not words: raise InputError(f"the description is empty; write {self.length} tokens ({what}) like {example}")
         if len(words) != self.length:
-            raise InputError(f"a description needs exactly {self.length} tokens (value size colour position for each of 3 digits), "
+            raise InputError(f"a description needs exactly {self.length} tokens ({what}), "
                              f"got {len(words)} in {text!r}; write it like {example}")
         for k, w in enumerate(words):
-            f = k % 4
-            if w not in FIELD_TOKENS[f]:
+            f = k % F
+            if w not in self.tokens[f]:
                 why = f"it is a {self.field_of[w]}" if w in self.field_of else "it is not in the vocabulary"
-                raise InputError(f"token {k + 1} {w!r} must be a {FIELDS[f]} ({why}): one of {', '.join(FIELD_TOKENS[f])}")
+                raise InputError(f"token {k + 1} {w!r} must be a {self.names[f]} ({why}): one of {', '.join(self.tokens[f])}")
         return [self.index[w] for w in words]
 
 # %% ../nbs/20_text.ipynb #20_text-014

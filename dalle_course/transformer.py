@@ -9,6 +9,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .core import InputError
@@ -58,8 +59,8 @@ class MultiHeadAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.drop = nn.Dropout(dropout)
 
-    def _heads(self, x):  # (B, T, D) -> (B, H, T, d)
-        return x.view(x.shape[0], x.shape[1], self.h, self.d).transpose(1, 2)
+    def _heads(self, x):  # (B, T, D) -> (B, H, T, d): the model dimension split into H heads of size d
+        return rearrange(x, 'b t (h d) -> b h t d', h=self.h)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, context: torch.Tensor | None = None,
                 cache: KVCache | None = None, pos: int | None = None, is_causal: bool = False) -> torch.Tensor:
@@ -88,7 +89,7 @@ class MultiHeadAttention(nn.Module):
                 mask = mask[s:s + n, :s + n]  # (n, T_keys) rows of the new queries
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=is_causal)  # (B, H, n, d)
-        return self.drop(self.out(y.transpose(1, 2).reshape(B, n, self.h * self.d)))  # (B, n, D)
+        return self.drop(self.out(rearrange(y, 'b h n d -> b n (h d)')))  # (B, n, D): the heads side by side again
 
 # %% ../nbs/22_transformer.ipynb #22_transformer-013
 class Block(nn.Module):

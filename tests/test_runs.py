@@ -1,0 +1,252 @@
+"The shared machinery: run folders, recipes and the preset->steps function, the model registry, the dataset protocol."
+import json, math, os
+
+import pytest
+import torch
+
+from dalle_course.core import (InputError, load_model, model_fingerprint, read_json, save_checkpoint, save_model)
+from dalle_course.runs import FILES, Recipe, RunFolder, merge_overrides, read_manifest, resolve_train, steps_per_epoch
+
+
+def listing(p):
+    return sorted(str(q.relative_to(p)) for q in p.rglob('*') if q.is_file() and q.name != 'run.json.lock')
+
+
+# ---- run folders
+def test_fresh_folder_records_every_file_written(tmp_path):
+    out = tmp_path / 'run'
+    with RunFolder(out, 'train x') as rf:
+        rf.file('recipe').write_text('{}'); rf.file('sub/notes.txt').write_text('n')
+        assert (out / 'run.json.lock').exists()             # locked while open
+    assert not (out / 'run.json.lock').exists()              # released on close
+    m = read_manifest(out)
+    assert m['command'] == 'train x' and m['files'] == ['recipe.json', 'sub/notes.txt']
+
+
+@pytest.mark.parametrize('kw,words', [({}, ['not empty', '--overwrite']), ({'resume': True, 'overwrite': True}, ['contradict'])])
+def test_used_folder_refused_without_writing(tmp_path, kw, words):
+    out = tmp_path / 'run'
+    with RunFolder(out, 'train x') as rf: rf.file('recipe').write_text('{}')
+    before = {p: p.read_bytes() for p in out.rglob('*') if p.is_file()}
+    with pytest.raises(InputError) as e: RunFolder(out, 'train x', **kw).open()
+    assert all(w in str(e.value) for w in words), e.value
+    assert {p: p.read_bytes() for p in out.rglob('*') if p.is_file()} == before
+
+
+def test_overwrite_deletes_only_what_the_run_wrote(tmp_path):
+    out = tmp_path / 'run'
+    with RunFolder(out, 'train x') as rf:
+        rf.file('recipe').write_text('{}'); rf.file('sub/a.txt').write_text('a')
+        (rf.child('child') / 'x').parent.mkdir(parents=True)
+    with RunFolder(out / 'child', 'train y') as c: c.file('model.bin').write_text('m')
+    (out / 'mine.txt').write_text('keep'); (out / 'sub' / 'mine.txt').write_text('keep too')
+    with RunFolder(out, 'train x', overwrite=True):
+        assert listing(out) == ['mine.txt', 'run.json', 'sub/mine.txt']  # ours (the child's too) gone, the user's kept
+    assert (out / 'mine.txt').read_text() == 'keep' and (out / 'sub' / 'mine.txt').read_text() == 'keep too'
+
+
+def test_foreign_files_are_never_deleted(tmp_path):
+    (tmp_path / 'canary').write_text('c'); (tmp_path / 'notes').mkdir(); (tmp_path / 'notes' / 'n').write_text('n')
+    for kw in ({}, {'overwrite': True}, {'resume': True}):
+        with pytest.raises(InputError, match='did not write'): RunFolder(tmp_path, 'demo', **kw).open()
+    assert listing(tmp_path) == ['canary', 'notes/n']
+
+
+def test_other_command_and_missing_resume(tmp_path):
+    with RunFolder(tmp_path / 'a', 'train x'): pass
+    with pytest.raises(InputError, match='`train x` run, not a `train y`'):
+        RunFolder(tmp_path / 'a', 'train y', overwrite=True).open()
+    with pytest.raises(InputError, match='no run to resume'): RunFolder(tmp_path / 'b', 'train x', resume=True).open()
+    assert not (tmp_path / 'b').exists()
+    (tmp_path / 'f').write_text('x')
+    with pytest.raises(InputError, match='is a file'): RunFolder(tmp_path / 'f', 'train x').open()
+
+
+def test_a_second_writer_is_locked_out(tmp_path):
+    out = tmp_path / 'run'
+    with RunFolder(out, 'train x') as rf:
+        rf.file('recipe').write_text('{}')
+        with pytest.raises(InputError, match='another process'): RunFolder(out, 'train x', resume=True).open()
+        assert read_manifest(out)['files'] == ['recipe.json']   # the refused writer wrote nothing
+    with RunFolder(out, 'train x', resume=True) as rf2: assert rf2.resumed   # free again once the first closed
+
+
+def test_resume_checks_input_fingerprints_and_recipe(tmp_path):
+    out = tmp_path / 'run'
+    r = Recipe('prior', 'joint', 'tiny', 10, {'image_vocab': 64}, {'steps': 5, 'batch_size': 2})
+    with RunFolder(out, 'train prior', inputs={'image_tokenizer': 'aaaa'}) as rf: r.save(rf.file('recipe'))
+    with pytest.raises(InputError, match='another image tokenizer'):
+        RunFolder(out, 'train prior', resume=True, inputs={'image_tokenizer': 'bbbb'}).open()
+    same = [(('kind',), '--arch'), (('model', 'image_vocab'), 'codebook size')]
+    rf = RunFolder(out, 'train prior', resume=True, inputs={'image_tokenizer': 'aaaa'})
+    with pytest.raises(InputError, match='--arch joint'):
+        rf.prepare(Recipe('prior', 'separate', 'tiny', 10, {'image_vocab': 64}, {}), same)
+    got = rf.prepare(Recipe('prior', 'joint', 'tiny', 10, {'image_vocab': 64}, {'steps': 9}), same, steps=7)
+    assert got.train == {'steps': 7, 'batch_size': 2}   # the saved recipe, with only the steps changed
+
+
+def test_stale_temporaries_of_our_files_go_on_resume(tmp_path):
+    out = tmp_path / 'run'
+    with RunFolder(out, 'train x') as rf: rf.file('checkpoint').write_bytes(b'ok')
+    (out / '.checkpoint.safetensors.tmp').write_bytes(b'')   # a killed write
+    (out / '.user.tmp').write_bytes(b'u')                       # not ours: stays
+    with RunFolder(out, 'train x', resume=True): pass
+    assert not (out / '.checkpoint.safetensors.tmp').exists() and (out / '.user.tmp').exists()
+
+
+def test_damaged_manifest_is_one_line(tmp_path):
+    out = tmp_path / 'run'
+    with RunFolder(out, 'train x'): pass
+    (out / 'run.json').write_text('{"format": "dalle')
+    with pytest.raises(InputError, match='run.json is damaged') as e: RunFolder(out, 'train x', resume=True).open()
+    assert '\n' not in str(e.value)
+
+
+# ---- recipes: one epoch is the sampler's steps
+@pytest.mark.parametrize('n,B', [(10_000, 12), (100, 32), (64, 8), (65, 8)])
+def test_epoch_is_the_samplers_steps(n, B):
+    from dalle_course.learner import StepBatchSampler
+    s = StepBatchSampler(n, B, seed=0)
+    assert steps_per_epoch(n, B) == s.per_epoch == n // B
+    preset = dict(epochs=3, batch_size=B, lr=1e-3, lr_schedule='multistep', milestone_epochs=(1, 2))
+    train, scale = resolve_train(preset, n)
+    assert train['steps'] == 3 * (n // B) and scale == 1
+    # milestone k is the first step of epoch k: the step at which the sampler draws a new permutation
+    for k, m in zip((1, 2), train['milestones']):
+        assert s.batch_indices(m) == s._slice(s.epoch_perm(k), 0) and divmod(m, s.per_epoch) == (k, 0)
+
+
+def test_resolve_train_scales_and_refuses():
+    preset = dict(steps=600, batch_size=8, lr=2e-3, lr_schedule='warmup_cosine', warmup=40)
+    t, s = resolve_train(preset, 100, steps=1200)
+    assert (t['steps'], t['warmup'], s) == (1200, 80, 2.0)
+    with pytest.raises(InputError, match='fewer than the batch size 8'): resolve_train(preset, 5)
+    with pytest.raises(InputError, match='empty'): resolve_train(preset, 0)
+
+
+def test_overrides_merge_and_refuse():
+    base = {'model': {'dim': 8, 'depth': 2}, 'train': {'lr': 1.0}, 'kind': 'x'}
+    got = merge_overrides(base, {'model': {'dim': 16}, 'kind': 'y'})
+    assert got == {'model': {'dim': 16, 'depth': 2}, 'train': {'lr': 1.0}, 'kind': 'y'} and base['model']['dim'] == 8
+    for bad in ({'modle': {}}, {'model': 3}, {'kind': {'a': 1}}):
+        with pytest.raises(InputError, match='override'): merge_overrides(base, bad)
+
+
+def test_recipe_round_trip_and_damage(tmp_path):
+    r = Recipe('tokenizer', 'vqvae', 'tiny', 10, {'a': 1}, {'steps': 3}, {'tau': 1.0}, {'codebook_lr_mult': 10.0})
+    r.save(tmp_path / 'recipe.json')
+    assert Recipe.load(tmp_path / 'recipe.json') == r and r['codebook_lr_mult'] == 10.0 and r['kind'] == 'vqvae'
+    (tmp_path / 'recipe.json').write_text(json.dumps(r.to_dict())[:20])
+    with pytest.raises(InputError, match='recipe.json is damaged'): Recipe.load(tmp_path / 'recipe.json')
+    (tmp_path / 'recipe.json').write_text('{"kind": 1}')
+    with pytest.raises(InputError, match='not written by this version'): Recipe.load(tmp_path / 'recipe.json')
+
+
+# ---- the model registry
+def test_one_registry_for_every_role(tmp_path):
+    from dalle_course.image_tokenizer import PatchColourTokenizer, load_tokenizer
+    from dalle_course.prior import JointPrior, load_prior
+    from dalle_course.text import AttributeTokenizer, load_text_tokenizer
+    tok, prior, text = PatchColourTokenizer(64, 8, 4), JointPrior(21, 64, 12, 8, 8, dim=16, depth=1, n_heads=2), AttributeTokenizer()
+    for obj, name in [(tok, 't.safetensors'), (prior, 'p.safetensors'), (text, 'x.json')]: save_model(obj, tmp_path / name)
+    assert model_fingerprint(load_tokenizer(tmp_path / 't.safetensors')) == model_fingerprint(tok)
+    assert model_fingerprint(load_prior(tmp_path / 'p.safetensors')) == model_fingerprint(prior)
+    assert load_text_tokenizer(tmp_path / 'x.json').vocab == text.vocab
+    with pytest.raises(InputError, match='holds a prior, not a tokenizer'): load_tokenizer(tmp_path / 'p.safetensors')
+    with pytest.raises(InputError, match='holds a image tokenizer, not a prior'): load_prior(tmp_path / 't.safetensors')
+    other = JointPrior(21, 64, 12, 8, 8, dim=16, depth=1, n_heads=2)
+    assert model_fingerprint(other) != model_fingerprint(prior)   # same config, other weights: another model
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'random', 'pickle', 'empty'])
+def test_damaged_model_files_are_one_line(tmp_path, damage):
+    from dalle_course.image_tokenizer import PatchColourTokenizer, load_tokenizer
+    p = PatchColourTokenizer(64, 8, 4).save(tmp_path / 'tok.safetensors')
+    data = {'truncated': p.read_bytes()[:50], 'random': os.urandom(300), 'empty': b'',
+            'pickle': __import__('pickle').dumps({'model': [1, 2, 3]})}[damage]
+    p.write_bytes(data)
+    with pytest.raises(InputError) as e: load_tokenizer(p)
+    assert 'tok.safetensors' in str(e.value) and '\n' not in str(e.value)
+
+
+# ---- the dataset protocol
+def test_open_dataset_dispatches_on_meta(tmp_path):
+    from dalle_course.datasets import DATASET_READERS, open_dataset, register_dataset
+    from dalle_course.mdmnist import MDMNIST, write_mdmnist
+    write_mdmnist(tmp_path / 'md', 6, seed=0, size=64, show_progress=False)
+    assert isinstance(open_dataset(tmp_path / 'md'), MDMNIST)
+    class Toy(torch.utils.data.Dataset):
+        def __init__(self, folder): self.folder = folder
+        def __len__(self): return 1
+        def __getitem__(self, i): return {'image': torch.zeros(3, 8, 8), 'captions': ['a', 'b'], 'caption': 'a'}
+    (tmp_path / 'toy').mkdir(); (tmp_path / 'toy' / 'meta.json').write_text('{"format": "toy/1"}')
+    with pytest.raises(InputError, match="format 'toy/1'"): open_dataset(tmp_path / 'toy')
+    register_dataset('toy', Toy)
+    try: assert isinstance(open_dataset(tmp_path / 'toy'), Toy)
+    finally: DATASET_READERS.pop('toy')
+    (tmp_path / 'toy' / 'meta.json').write_text('{"format": ')
+    with pytest.raises(InputError, match='meta.json is damaged'): open_dataset(tmp_path / 'toy')
+
+
+def test_captions_are_encoded_per_step_with_dropout_and_several_captions():
+    from dalle_course.prior_training import CaptionTokens, fit_text_tokenizer
+    caps = [['a small red bird with black wings', 'this red bird is small'], ['a blue bird', 'the bird is blue']]
+    tok, spec = fit_text_tokenizer({'kind': 'bpe', 'vocab_size': 80, 'dropout': 0.5}, caps)
+    ds = CaptionTokens(tok, spec['length'], torch.zeros(2, 4, dtype=torch.long), caps, dropout=0.5)
+    torch.manual_seed(0)
+    seen = [tuple(ds[0][0].tolist()) for _ in range(60)]
+    decoded = {tok.decode(torch.tensor(s)) for s in seen}
+    assert decoded <= {tok.normalize(c) for c in caps[0]} and len(decoded) == 2   # both captions, text intact
+    assert len(set(seen)) > 4                                                     # segmentations vary per read
+    torch.manual_seed(0); again = [tuple(ds[0][0].tolist()) for _ in range(60)]
+    assert again == seen                                                          # torch's generator: reproducible
+    plain = CaptionTokens(tok, spec['length'], torch.zeros(2, 4, dtype=torch.long), [[c[0]] for c in caps])
+    r = torch.get_rng_state(); plain[0]; assert torch.equal(r, torch.get_rng_state())  # one caption: no draw at all
+
+
+# ---- the prior contract
+def test_prior_contract_and_sampler_options():
+    from dalle_course.prior import PRIORS, AutoregressivePrior, Prior
+    from dalle_course.prior_training import resolve_prior_recipe
+    for arch, cls in PRIORS.items():
+        assert issubclass(cls, Prior) and cls.arch == arch
+        r = resolve_prior_recipe(arch, 'tiny', 100, 21, 12, 64, 4, 4)
+        m = cls(**r.model)
+        assert (m.text_vocab, m.image_vocab, m.text_len, m.h, m.w, m.n_img) == (21, 64, 12, 4, 4, 16)
+        assert m.null_text(3).shape == (3, 12) and (m.null_text(3) == m.pad_id).all()
+        z = m.generate(torch.randint(1, 21, (2, 12)), top_k=3, generator=torch.Generator().manual_seed(0))
+        assert z.shape == (2, 4, 4) and int(z.max()) < 64
+        with pytest.raises(InputError, match="no option 'steps'"): m.generate(torch.ones(1, 12, dtype=torch.long), steps=8)
+        loss, logs = m.loss({'text': torch.randint(1, 21, (2, 12)), 'image': torch.randint(0, 64, (2, 16))})
+        assert torch.isfinite(loss) and 'ce_image' in logs
+    # each architecture takes the keys it has: G1 has no encoder depth, G2 no mask pattern
+    assert 'enc_depth' not in resolve_prior_recipe('joint', 'tiny', 100, 21, 12, 64, 4, 4).model
+    assert 'mask_pattern' not in resolve_prior_recipe('separate', 'tiny', 100, 21, 12, 64, 4, 4).model
+
+
+def test_tiny_prior_preset_budgets_tokens_not_sequences():
+    from dalle_course.prior_training import resolve_prior_recipe
+    b64 = resolve_prior_recipe('joint', 'tiny', 3000, 21, 12, 128, 16, 16).train['batch_size']
+    b128 = resolve_prior_recipe('joint', 'tiny', 3000, 21, 12, 128, 32, 32).train['batch_size']
+    assert (b64, b128) == (4096 // 268, 4096 // 1036)
+
+
+def test_tokenizer_kinds_come_from_the_table():
+    from dalle_course.tokenizer_training import TOKENIZER_KINDS, resolve_recipe, build_tokenizer
+    for bad in ('dvae', 'dvae-foo', 'vqvae-fancy', 'vq'):   # a prefix never picks a class
+        with pytest.raises(InputError, match='unknown tokenizer kind'): resolve_recipe(bad, 'tiny', 64, 100)
+    for name, k in TOKENIZER_KINDS.items():
+        assert type(build_tokenizer(resolve_recipe(name, 'tiny', 64, 100))) is k.cls
+
+
+def test_time_estimate_leaves_everything_as_it_was(capsys):
+    from dalle_course.learner import Learner, TrainConfig
+    torch.manual_seed(3)
+    m = torch.nn.Linear(4, 1)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
+    L = Learner(m, lambda mod, b, hp: ((mod(b[0]) - b[1]) ** 2).mean(), data, TrainConfig(steps=5, batch_size=8, device='cpu'))
+    w, rng = m.weight.detach().clone(), torch.get_rng_state()
+    secs = L.announce('train demo')
+    assert secs > 0 and torch.equal(m.weight, w) and m.weight.grad is None and torch.equal(rng, torch.get_rng_state())
+    line = capsys.readouterr().out
+    assert 'train demo: 5 parameters, 5 steps of 8' in line and 'estimated' in line and 'ms per step' in line
