@@ -97,15 +97,25 @@ def _read_prompts(args) -> list[str]:
         return [l.strip() for l in args.prompts.read_text().splitlines() if l.strip()]
     return [args.prompt]
 
+def _check_writable(path: Path):
+    "One line, before any work, if the file `path` could not be written (its folder, or the nearest existing one)."
+    import os, tempfile
+    d = path.parent
+    while not d.exists(): d = d.parent
+    if not d.is_dir(): raise InputError(f"--out {path} is under {d}, which is a file; choose a path in a folder")
+    try: tempfile.TemporaryFile(dir=d).close()
+    except OSError as e: raise InputError(f"--out {path}: cannot write in {d} ({e.strerror}); choose a folder you can write to") from None
+
 def run_sample(args) -> int:
     "Sample images for prompts from a trained prior and save a captioned grid."
     from dalle_course.prior_training import load_prior_run, sample_figure
     prompts = _read_prompts(args)
     if args.out.suffix.lower() not in ('.png', '.jpg', '.jpeg', '.pdf', '.svg'):
         raise InputError(f"--out {args.out} must be an image file name such as grid.png")
+    if args.out.is_dir(): raise InputError(f"--out {args.out} is a folder; give an image file name such as grid.png")
     if args.out.exists() and not args.overwrite:
         raise InputError(f"--out {args.out} already exists; pass --overwrite to replace it or choose another file name")
-    if args.out.is_dir(): raise InputError(f"--out {args.out} is a folder; give an image file name such as grid.png")
+    _check_writable(args.out)
     prior, itok, ttok = load_prior_run(args.prior, args.device)
     t0 = time.time()
     fig, images = sample_figure(prior, itok, ttok, prompts, n=args.n, seed=args.seed, temperature=args.temperature,
@@ -131,9 +141,11 @@ def run_bench_tokenizers(args) -> int:
     "Train every stage-1 variant on the same data and compare them."
     from dalle_course.datasets import open_dataset
     from dalle_course.runs import RunFolder
-    from dalle_course.tokenizer_training import compare_tokenizers, comparison_table, save_comparison
+    from dalle_course.tokenizer_training import check_comparison, compare_tokenizers, comparison_table, save_comparison
     test = open_dataset(args.test) if args.test else None
     train = open_dataset(args.data)
+    check_comparison(train, test, args.preset, args.steps, args.batch_size, args.seed, device=args.device)
+    RunFolder(args.out, 'bench tokenizers', overwrite=args.overwrite, resumable=False).check()
     with RunFolder(args.out, 'bench tokenizers', overwrite=args.overwrite, resumable=False) as rf:
         runs = compare_tokenizers(train, test, args.preset, steps=args.steps, out=rf, batch_size=args.batch_size,
                                   eval_every=args.eval_every, device=args.device, seed=args.seed)

@@ -180,7 +180,7 @@ def read_checkpoint_meta(path) -> dict:
     try:
         with safe_open(str(path), framework='pt') as f: meta = f.metadata() or {}
     except Exception as e: raise damaged(path, e) from None
-    if meta.get('format') != CHECKPOINT_FORMAT: raise ValueError(f"{path} is not a dalle_course checkpoint")
+    if meta.get('format') != CHECKPOINT_FORMAT: raise _foreign(path)
     return {'config': json.loads(meta['config']), 'step': json.loads(meta['step'])}
 
 def load_checkpoint(path, device: str | torch.device = 'cpu') -> dict:
@@ -191,7 +191,7 @@ def load_checkpoint(path, device: str | torch.device = 'cpu') -> dict:
     try:
         with safe_open(str(path), framework='pt', device=str(device)) as f:
             meta = f.metadata() or {}
-            if meta.get('format') != CHECKPOINT_FORMAT: raise ValueError(f"{path} is not a dalle_course checkpoint")
+            if meta.get('format') != CHECKPOINT_FORMAT: raise _foreign(path)
             for k in f.keys(): tensors[k] = f.get_tensor(k)
         return {'state': unpack_state(tensors, json.loads(meta['skeleton'])), 'config': json.loads(meta['config']),
                 'step': json.loads(meta['step'])}
@@ -201,9 +201,15 @@ def load_checkpoint(path, device: str | torch.device = 'cpu') -> dict:
     except Exception as e:  # safetensors' own errors (truncated header, random bytes, a pickle, an empty file)
         raise damaged(path, e) from None
 
+def _foreign(path) -> InputError:
+    return InputError(f"{path} is not a dalle_course checkpoint (a safetensors file written by something else); pass "
+                      f"a file written by dalle-course")
+
 def damaged(path, err) -> InputError:
     "The one-line error for a file that exists but cannot be read: it names the file and what to do."
-    why = str(err).strip().splitlines()[0][:80] if str(err).strip() else type(err).__name__
+    why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if len(why) > 80: why = why[:80].rsplit(' ', 1)[0] + ' ...'
+    why = why.replace('(', '[').replace(')', ']')  # the reason sits inside our own parentheses
     return InputError(f"{path} is damaged or was not written by dalle-course ({why}); restore it, or write it "
                       f"again (re-run the command that made it, with --overwrite)")
 

@@ -29,6 +29,7 @@ MDMNIST.text_tokenizer = 'attributes'  # MD-MNIST descriptions: the strict attri
 def open_dataset(folder) -> torch.utils.data.Dataset:
     "The dataset in `folder`, read by the reader its `meta.json` names (one-line errors for anything else)."
     folder = Path(folder).expanduser()
+    require(not folder.is_file(), f"{folder} is a file, not a dataset folder; pass the folder `dalle-course data mdmnist` wrote")
     require(folder.is_dir(), f"{folder} is not an MD-MNIST folder or any other dataset (it does not exist); generate one with "
             f"`dalle-course data mdmnist --out {folder}`")
     meta = read_json(folder / 'meta.json', 'dataset description (meta.json)') if (folder / 'meta.json').is_file() else None

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from .core import (InputError, autocast, get_device, image_grid, model_fingerprint, progress,
-                               read_checkpoint_meta, require as _check, seed_everything)
+from .core import (InputError, autocast, damaged, get_device, image_grid, model_fingerprint, progress,
+                               read_checkpoint_meta, read_json, require as _check, seed_everything)
 from .datasets import all_captions, image_size, split_train_test, text_tokenizer_kind
 from .evaluation import plot_ce_distribution, teacher_forced_ce
 from .image_tokenizer import ImageTokenizer, load_tokenizer
@@ -131,16 +131,25 @@ class CaptionTokens(torch.utils.data.Dataset):
         return text, self.z[i].long()
 
 # %% ../nbs/26_prior_training.ipynb #26_prior_training-014
+def _read_cache(folder: Path):
+    "The token cache of a prior run (tokens, caption lists), checked; None if there is none; damage is one line."
+    from safetensors.torch import load_file
+    tp, cp = folder / FILES['tokens'], folder / FILES['captions']
+    if not (tp.is_file() and cp.is_file()): return None
+    try: t = load_file(tp)
+    except Exception as e: raise damaged(tp, e) from None
+    caps = read_json(cp, 'caption cache')
+    ok = isinstance(caps, dict) and all(isinstance(caps.get(s), list) and s in t and len(t[s]) == len(caps[s])
+                                        for s in ('train', 'test'))
+    if not ok: raise damaged(cp, 'it does not match tokens.safetensors')
+    return t, caps
+
 def _tokens(tokenizer, train, test, rf, device) -> dict:
     "Image tokens and caption lists of both splits, read from the run's cache when present."
-    from safetensors.torch import load_file, save_file
-    if rf is not None and (rf.path / FILES['tokens']).is_file() and (rf.path / FILES['captions']).is_file():
-        from dalle_course.core import load_checkpoint, read_json
-        try: t = load_file(rf.path / FILES['tokens'])
-        except Exception as e:
-            from dalle_course.core import damaged
-            raise damaged(rf.path / FILES['tokens'], e) from None
-        meta = read_json(rf.path / FILES['captions'], 'caption cache')
+    from safetensors.torch import save_file
+    cache = None if rf is None else _read_cache(rf.path)
+    if cache is not None:
+        t, meta = cache
         if len(meta['train']) == len(train) and len(meta['test']) == len(test):
             return {'train': (t['train'], meta['train']), 'test': (t['test'], meta['test'])}
     res = {s: encode_images(tokenizer, d, device=device, desc=f'tokenizing {s}') for s, d in [('train', train), ('test', test)]}
@@ -172,7 +181,7 @@ def train_prior(arch: str, tokenizer, data, preset: str = 'tiny', out=None, test
     rf = None
     if out is not None:  # every check before the first byte is written (and before the slow tokenizing)
         rf = RunFolder(out, 'train prior', resume=resume, overwrite=overwrite, inputs={'image_tokenizer': fp})
-        recipe = rf.prepare(recipe, SAME_PRIOR_RUN, steps)
+        recipe = rf.prepare(recipe, SAME_PRIOR_RUN, steps, verify=[_read_cache])
         rf.open()
     try:
         dev = get_device(device)

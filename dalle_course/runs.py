@@ -8,11 +8,11 @@ import copy, fcntl, json, os, time
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 
-from .core import InputError, is_main_process, read_json, require, write_text_atomic
+from .core import InputError, is_main_process, load_checkpoint, read_json, require, write_text_atomic
 
 # %% auto #0
-__all__ = ['FILES', 'RUN_FORMAT', 'LOCK', 'RunFolder', 'read_manifest', 'steps_per_epoch', 'resolve_train', 'merge_overrides',
-           'Recipe', 'RunResult']
+__all__ = ['FILES', 'RUN_FORMAT', 'RunFolder', 'read_manifest', 'steps_per_epoch', 'resolve_train', 'merge_overrides', 'Recipe',
+           'RunResult']
 
 # %% ../nbs/01_runs.ipynb #01_runs-005
 FILES = dict(
@@ -29,11 +29,29 @@ FILES = dict(
 RUN_FORMAT = 'dalle_course/run/1'
 
 # %% ../nbs/01_runs.ipynb #01_runs-007
-LOCK = FILES['manifest'] + '.lock'
-
 def _listing(path: Path) -> list[str]:
-    "Every file under `path`, relative, sorted (folders are not listed; their files are; the lock is not)."
-    return sorted(str(p.relative_to(path)) for p in path.rglob('*') if (p.is_file() or p.is_symlink()) and p.name != LOCK)
+    "Every file under `path`, relative, sorted (folders are not listed; their files are)."
+    return sorted(str(p.relative_to(path)) for p in path.rglob('*') if p.is_file() or p.is_symlink())
+
+def _inside(path: Path, name) -> bool:
+    "Whether the manifest entry `name` is a plain relative path that stays inside `path`."
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or '..' in Path(name).parts: return False
+    return (path / name).resolve().is_relative_to(path.resolve())
+
+def _valid_manifest(path: Path) -> dict:
+    "The manifest of `path`, checked for shape; damage is one line that deletes nothing."
+    mp = path / FILES['manifest']
+    fix = "dalle-course cannot tell which files there are its own, so it deletes nothing: move the folder away or choose another --out"
+    try: m = read_json(mp, 'run manifest')
+    except InputError: raise InputError(f"{mp} is damaged (not JSON); {fix}") from None
+    ok = (isinstance(m, dict) and m.get('format') == RUN_FORMAT and isinstance(m.get('command'), str)
+          and isinstance(m.get('files'), list) and isinstance(m.get('inputs', {}), dict)
+          and isinstance(m.get('children', []), list))
+    require(ok, f"{mp} is not a dalle-course run manifest (or it was edited); {fix}")
+    bad = [n for n in m['files'] + m.get('children', []) if not _inside(path, n)]
+    if bad: raise InputError(f"{mp} lists {bad[0]!r}, a path outside the run folder (the manifest was edited); {fix}")
+    m.setdefault('inputs', {}); m.setdefault('children', [])
+    return m
 
 class RunFolder:
     """The output folder of one command: call `open()` (or use `with`) before writing, `file(name)` for every file
@@ -62,9 +80,7 @@ class RunFolder:
         if not self.manifest_path.is_file():
             raise InputError(f"{p} is not empty and holds files that dalle-course did not write; choose a new or empty "
                              f"--out (nothing there is ever deleted)")
-        old = read_json(self.manifest_path, 'run manifest')
-        require(isinstance(old, dict) and old.get('format') == RUN_FORMAT,
-                f"{self.manifest_path} is not a dalle-course run manifest; choose a new or empty --out")
+        old = _valid_manifest(p)
         require(old.get('command') == self.command, f"{p} holds a `{old.get('command')}` run, not a `{self.command}` "
                 f"one; choose another --out")
         if self.resume:
@@ -94,17 +110,22 @@ class RunFolder:
             self.manifest = old or {'format': RUN_FORMAT, 'command': self.command, 'files': [], 'inputs': {},
                                      'created': time.strftime('%Y-%m-%d %H:%M:%S')}
             self.manifest['inputs'].update(self.inputs)
+            self.manifest['writer'] = os.getpid()
             self._save_manifest()
         except BaseException:
             self.close(); raise
         return self
 
-    def prepare(self, recipe: Recipe, same=(), steps: int | None = None) -> Recipe:
+    def prepare(self, recipe: Recipe, same=(), steps: int | None = None, verify=()) -> Recipe:
         """Check the policy (writing nothing) and return the recipe to train with: `recipe`, or, when resuming, the
         saved one (only `steps` may change) after checking each `(key path, option name)` of `same` agrees."""
         old = self.check()
+        if old is None or not self.resume: return recipe
+        ck = self.path / FILES['checkpoint']
+        if ck.is_file(): load_checkpoint(ck)  # a damaged checkpoint is refused now, before anything is written
+        for f in verify: f(self.path)          # the stage's own files (a prior's token cache)
         rp = self.path / FILES['recipe']
-        if old is None or not self.resume or not rp.is_file(): return recipe  # killed before its recipe: start over
+        if not rp.is_file(): return recipe     # killed before its recipe was written: start over
         saved = Recipe.load(rp)
         for keys, option in same:
             a, b = saved.to_dict(), recipe.to_dict()
@@ -136,23 +157,22 @@ class RunFolder:
         if is_main_process(): write_text_atomic(self.manifest_path, json.dumps(self.manifest, indent=1))
 
     def _acquire(self):
-        lp = self.path / LOCK
-        fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
+        "An exclusive lock on the folder itself (flock on its directory: the kernel drops it when the process dies)."
+        fd = os.open(self.path, os.O_RDONLY)
         try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            pid = os.pread(fd, 32, 0).decode(errors='replace').strip() or '?'
             os.close(fd)
+            pid = '?'
+            try: pid = read_json(self.manifest_path).get('writer', '?')
+            except (InputError, AttributeError): pass
             raise InputError(f"{self.path} is being written by another process (pid {pid}); wait for it to finish "
                              f"or choose another --out") from None
-        os.ftruncate(fd, 0); os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._lock = (fd, lp)
+        self._lock = fd
 
     def close(self):
         "Release the lock (the folder stays as it is)."
         if self._lock is None: return
-        fd, lp = self._lock; self._lock = None
-        try: lp.unlink()
-        except OSError: pass
+        fd, self._lock = self._lock, None
         fcntl.flock(fd, fcntl.LOCK_UN); os.close(fd)
 
     def __enter__(self): return self.open() if self.manifest is None else self
@@ -162,10 +182,11 @@ def _clear(path: Path, manifest: dict):
     "Delete what the run in `path` wrote (its files, its children's, their stale temporaries); nothing else."
     for child in manifest.get('children', []):
         c = path / child
-        if (c / FILES['manifest']).is_file():
-            try: _clear(c, read_json(c / FILES['manifest'], 'run manifest'))
+        if _inside(path, child) and (c / FILES['manifest']).is_file():
+            try: _clear(c, _valid_manifest(c))
             except InputError: pass  # a damaged child manifest: leave that folder as it is
     for name in manifest.get('files', []) + [FILES['manifest']]:
+        if not _inside(path, name): continue  # never outside the folder (checked when the manifest is read, too)
         f = path / name
         for g in (f, f.with_name(f'.{f.name}.tmp')):
             if g.is_file() or g.is_symlink(): g.unlink()
@@ -177,7 +198,7 @@ def read_manifest(path) -> dict:
     "The manifest of the run folder `path` (a one-line error if it is not a run folder or the manifest is damaged)."
     mp = Path(path) / FILES['manifest']
     require(mp.is_file(), f"{path} is not a dalle-course run folder (no {FILES['manifest']}); pass the --out folder of a run")
-    return read_json(mp, 'run manifest')
+    return _valid_manifest(Path(path))
 
 # %% ../nbs/01_runs.ipynb #01_runs-011
 def steps_per_epoch(n: int, batch_size: int) -> int:

@@ -22,7 +22,8 @@ from .vqvae import THESIS_TABLE5_VQVAE, VQVAE, vqvae_loss, vqvae_param_groups
 # %% auto #0
 __all__ = ['TOKENIZER_KINDS', 'KINDS', 'PRESETS', 'SAME_TOKENIZER_RUN', 'COMPARISON', 'TokenizerKind', 'resolve_recipe',
            'build_tokenizer', 'tokenizer_loss', 'tokenizer_hparams', 'train_tokenizer', 'plot_usage_curves',
-           'plot_code_histograms', 'plot_reconstructions', 'compare_tokenizers', 'comparison_table', 'save_comparison']
+           'plot_code_histograms', 'plot_reconstructions', 'compare_tokenizers', 'check_comparison', 'comparison_table',
+           'save_comparison']
 
 # %% ../nbs/14_tokenizer_training.ipynb #14_tokenizer_training-004
 @dataclass(frozen=True)
@@ -219,11 +220,21 @@ def compare_tokenizers(train, test, preset: str = 'tiny', steps: int | None = No
     _check(preset in PRESETS, f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
     # thesis presets have no DALL-E dVAE settings: compare the variants the preset covers
     variants = {n: v for n, v in (variants or COMPARISON).items() if v[0] in PRESETS[preset]['kinds']}
+    check_comparison(train, test, preset, steps, kw.get('batch_size'), kw.get('seed', 0), variants, kw.get('device'))
     where = (lambda n: out.child(f'runs/{_slug(n)}')) if isinstance(out, RunFolder) else \
             (lambda n: None if out is None else Path(out) / 'runs' / _slug(n))
     return {name: train_tokenizer(kind, train, preset, out=where(name), test=test, steps=steps, overrides=ov,
                                   plots=False, **kw)
             for name, (kind, ov) in variants.items()}
+
+def check_comparison(train, test, preset: str = 'tiny', steps: int | None = None, batch_size: int | None = None,
+                     seed: int = 0, variants: dict | None = None, device: str | None = None, eval_images: int = 256):
+    "Every check of a comparison (data, device, each variant's recipe) before any of its runs writes a byte."
+    _check(preset in PRESETS, f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+    get_device(device)
+    tr, _ = split_train_test(train, test, eval_images)
+    for kind, ov in (variants or {n: v for n, v in COMPARISON.items() if v[0] in PRESETS[preset]['kinds']}).values():
+        resolve_recipe(kind, preset, dataset_image_size(tr), len(tr), steps, batch_size, seed, ov)
 
 def comparison_table(runs: dict) -> str:
     "A markdown table of the test metrics (and training speed) of `compare_tokenizers` results."

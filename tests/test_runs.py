@@ -9,16 +9,22 @@ from dalle_course.runs import FILES, Recipe, RunFolder, merge_overrides, read_ma
 
 
 def listing(p):
-    return sorted(str(q.relative_to(p)) for q in p.rglob('*') if q.is_file() and q.name != 'run.json.lock')
+    return sorted(str(q.relative_to(p)) for q in p.rglob('*') if q.is_file())
 
 
 # ---- run folders
 def test_fresh_folder_records_every_file_written(tmp_path):
     out = tmp_path / 'run'
+    import fcntl
+    def locked():
+        fd = os.open(out, os.O_RDONLY)
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); fcntl.flock(fd, fcntl.LOCK_UN); return False
+        except OSError: return True
+        finally: os.close(fd)
     with RunFolder(out, 'train x') as rf:
         rf.file('recipe').write_text('{}'); rf.file('sub/notes.txt').write_text('n')
-        assert (out / 'run.json.lock').exists()             # locked while open
-    assert not (out / 'run.json.lock').exists()              # released on close
+        assert locked()                                       # the folder itself is locked while open
+    assert not locked()                                       # and released on close (no lock file is left)
     m = read_manifest(out)
     assert m['command'] == 'train x' and m['files'] == ['recipe.json', 'sub/notes.txt']
 
@@ -98,8 +104,19 @@ def test_damaged_manifest_is_one_line(tmp_path):
     out = tmp_path / 'run'
     with RunFolder(out, 'train x'): pass
     (out / 'run.json').write_text('{"format": "dalle')
-    with pytest.raises(InputError, match='run.json is damaged') as e: RunFolder(out, 'train x', resume=True).open()
-    assert '\n' not in str(e.value)
+    for kw in ({'resume': True}, {'overwrite': True}):
+        with pytest.raises(InputError, match='run.json is damaged.*deletes nothing') as e: RunFolder(out, 'train x', **kw).open()
+        assert '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('entry', ['../victim.txt', '/tmp/abs_victim.txt', 'a/../../victim.txt'])
+def test_manifest_entries_outside_the_folder_are_refused(tmp_path, entry):
+    out = tmp_path / 'run'
+    with RunFolder(out, 'train x') as rf: rf.file('recipe').write_text('{}')
+    (tmp_path / 'victim.txt').write_text('v')
+    m = json.loads((out / 'run.json').read_text()); m['files'].append(entry); (out / 'run.json').write_text(json.dumps(m))
+    with pytest.raises(InputError, match='outside the run folder'): RunFolder(out, 'train x', overwrite=True).open()
+    assert (tmp_path / 'victim.txt').read_text() == 'v' and (out / 'recipe.json').exists()
 
 
 # ---- recipes: one epoch is the sampler's steps
