@@ -210,8 +210,8 @@ def damaged(path, err) -> InputError:
     why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if len(why) > 80: why = why[:80].rsplit(' ', 1)[0] + ' ...'
     why = why.replace('(', '[').replace(')', ']')  # the reason sits inside our own parentheses
-    return InputError(f"{path} is damaged or was not written by dalle-course ({why}); restore it, or write it "
-                      f"again (re-run the command that made it, with --overwrite)")
+    return InputError(f"{path} is damaged or was not written by dalle-course ({why}); restore it, or make it "
+                      f"again with the command that wrote it")
 
 def read_json(path, what: str = 'file'):
     "The JSON content of `path`, with a one-line `InputError` if it is missing or damaged."

@@ -4,6 +4,7 @@
 
 # %% ../nbs/04_datasets.ipynb #04_datasets-002
 from __future__ import annotations
+import hashlib, json
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from .mdmnist import FORMAT as MDMNIST_FORMAT, MDMNIST
 
 # %% auto #0
 __all__ = ['DATASET_READERS', 'register_dataset', 'open_dataset', 'as_dataset', 'all_captions', 'text_tokenizer_kind',
-           'image_size', 'split_train_test']
+           'image_size', 'dataset_fingerprint', 'split_train_test']
 
 # %% ../nbs/04_datasets.ipynb #04_datasets-004
 DATASET_READERS: dict[str, type] = {}  # meta.json 'format' prefix -> Dataset class taking the folder
@@ -24,7 +25,6 @@ def register_dataset(format_prefix: str, cls: type) -> type:
     return cls
 
 register_dataset(MDMNIST_FORMAT.rsplit('/', 1)[0], MDMNIST)
-MDMNIST.text_tokenizer = 'attributes'  # MD-MNIST descriptions: the strict attribute vocabulary of lesson 20
 
 def open_dataset(folder) -> torch.utils.data.Dataset:
     "The dataset in `folder`, read by the reader its `meta.json` names (one-line errors for anything else)."
@@ -70,6 +70,15 @@ def image_size(ds) -> int:
     "The side of the dataset's square images."
     base, _ = _base(ds)
     return int(base.size) if isinstance(getattr(base, 'size', None), int) else int(ds[0]['image'].shape[-1])
+
+def dataset_fingerprint(ds) -> str:
+    """sha256 (16 hex) of what a dataset holds: its reader's description (`meta`: for MD-MNIST the seed, size, split
+    and source digits that fix every image) and every caption, in order. A run records it and refuses other data."""
+    base, _ = _base(ds)
+    meta = getattr(base, 'meta', None)
+    h = hashlib.sha256(json.dumps([type(base).__name__, meta, len(ds)], sort_keys=True, default=str).encode())
+    h.update(json.dumps(all_captions(ds)).encode())
+    return h.hexdigest()[:16]
 
 def split_train_test(data, test=None, n_test: int = 256):
     """(train, test) Datasets from folders or Datasets; without `test`, the last `min(n_test, 10%)` items of `data`

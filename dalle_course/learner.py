@@ -15,8 +15,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from .core import (InputError, autocast, get_device, load_checkpoint, progress, save_checkpoint,
-                               seed_everything, world_info, require as _check)
+from .core import (InputError, autocast, get_device, load_checkpoint, progress, read_checkpoint_meta,
+                               save_checkpoint, seed_everything, world_info, require as _check)
 from .runs import FILES, Recipe
 from .schedules import Schedule
 
@@ -396,15 +396,16 @@ class Learner:
                 times.append(time.perf_counter() - t)
         return min(times)
 
-    def announce(self, label: str) -> float:
-        "Print the run's size and its estimated time (main process) before it starts; return the estimate in s."
+    def announce(self, label: str, start: int = 0) -> float:
+        "Print the run's size and the estimated time of its steps from `start` (main process); return it in s."
         per_step = self.estimate_seconds()
-        total = per_step * self.cfg.steps
+        total = per_step * max(0, self.cfg.steps - start)
         if self.main:
             n_params = sum(p.numel() for p in self.model.parameters())
             epochs = self.cfg.steps * self.cfg.batch_size / max(1, len(self.train_data))
+            left = f", {self.cfg.steps - start} left" if start else ''
             print(f"{label}: {n_params:,} parameters, {self.cfg.steps} steps of {self.cfg.batch_size} ({epochs:.1f} "
-                  f"epochs of {len(self.train_data)}); estimated {_duration(total)} on {self.device} "
+                  f"epochs of {len(self.train_data)}){left}; estimated {_duration(total)} on {self.device} "
                   f"({per_step * 1e3:.0f} ms per step, measured)", flush=True)
         return total
 
@@ -467,6 +468,8 @@ def train_recipe(model: nn.Module, loss_fn, recipe: Recipe, train_data, eval_dat
     learner = Learner(model, loss_fn, train_data, cfg, out=None if folder is None else folder.path, eval_data=eval_data,
                       hparams={k: Schedule.from_dict(v) for k, v in recipe.hparams.items()}, resume=resume,
                       callbacks=callbacks, **learner_kw)
-    learner.announce(f"train {recipe.stage} {recipe.kind} ({recipe.preset})")
+    ck = None if folder is None else folder.path / FILES['checkpoint']
+    start = read_checkpoint_meta(ck)['step'] if resume and ck is not None and ck.is_file() else 0
+    learner.announce(f"train {recipe.stage} {recipe.kind} ({recipe.preset})", start)
     learner.summary = learner.fit()
     return learner

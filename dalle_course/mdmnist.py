@@ -216,10 +216,6 @@ def _check_out(out: Path, overwrite: bool):
         if not _is_mdmnist_folder(out):
             raise InputError(f"--out {out} holds files that are not an MD-MNIST dataset, so --overwrite will not "
                              f"delete it; choose another --out")
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in DATA_FILES)
-        if foreign:
-            raise InputError(f"--out {out} holds {foreign[0]}, which dalle-course did not write, so --overwrite will "
-                             f"not replace the folder; move it away or choose another --out")
 
 def _pid_alive(pid: int) -> bool:
     try: os.kill(pid, 0)
@@ -274,12 +270,17 @@ def write_mdmnist(out, n: int, seed: int = 0, size: int = 128, split: str = 'tra
                 'dalle_course_version': getattr(dalle_course, '__version__', 'unknown')}
         (tmp / 'meta.json').write_text(json.dumps(meta, indent=1) + '\n', encoding='utf-8')
         if out.exists():  # an empty folder, or an MD-MNIST folder we may overwrite: swap it out only now
+            for f in out.iterdir():  # files we did not write (the user's notes) move into the new folder
+                if f.name not in DATA_FILES: os.rename(f, tmp / f.name)
             old = out.parent / f'.{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}'
             os.rename(out, old)
             try: os.rename(tmp, out)
             except BaseException: os.rename(old, out); old = None; raise
         else: os.rename(tmp, out)
     except BaseException:
+        if tmp.is_dir() and out.is_dir():  # the user's files that had moved into the new folder go back first
+            for f in tmp.iterdir():
+                if f.name not in DATA_FILES and not (out / f.name).exists(): os.rename(f, out / f.name)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if old is not None: shutil.rmtree(old, ignore_errors=True)
@@ -290,6 +291,7 @@ def write_mdmnist(out, n: int, seed: int = 0, size: int = 128, split: str = 'tra
 # %% ../nbs/03_mdmnist.ipynb #03_mdmnist-056
 class MDMNIST(torch.utils.data.Dataset):
     "An MD-MNIST folder written by `write_mdmnist`; items are dicts with 'image', 'attributes', 'caption', 'captions' (the one caption, as a list), 'index'."
+    text_tokenizer = 'attributes'  # its descriptions are read by the strict attribute tokenizer of lesson 20
     def __init__(self, folder):
         self.folder = Path(folder).expanduser()
         if not (self.folder / 'images.npy').is_file():

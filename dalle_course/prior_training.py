@@ -11,12 +11,12 @@ import torch
 
 from .core import (InputError, autocast, damaged, get_device, image_grid, model_fingerprint, progress,
                                read_checkpoint_meta, read_json, require as _check, seed_everything)
-from .datasets import all_captions, image_size, split_train_test, text_tokenizer_kind
+from .datasets import all_captions, dataset_fingerprint, image_size, split_train_test, text_tokenizer_kind
 from .evaluation import plot_ce_distribution, teacher_forced_ce
 from .image_tokenizer import ImageTokenizer, load_tokenizer
 from .learner import train_recipe
 from .prior import PRIORS, Prior, load_prior, save_prior
-from .runs import FILES, Recipe, RunFolder, RunResult, merge_overrides, resolve_train
+from .runs import FILES, Recipe, RunFolder, RunResult, resolve_train
 from .sampling import check_sampling_args
 from .text import AttributeTokenizer, BPETokenizer, TextTokenizer, WordTokenizer, load_text_tokenizer
 
@@ -50,7 +50,7 @@ PRIOR_PRESETS: dict[str, dict] = {
 
 # %% ../nbs/26_prior_training.ipynb #26_prior_training-007
 SAME_PRIOR_RUN = [(('kind',), '--arch'), (('preset',), '--preset'),
-                  (('model', 'image_vocab'), 'a tokenizer of codebook size')]
+                  (('model', 'image_vocab'), 'a tokenizer of codebook size'), (('extra', 'text'), 'the text tokenizer')]
 
 def _arch_keys(cls) -> set:
     import inspect
@@ -95,7 +95,8 @@ TEXT_KINDS = ('attributes', 'words', 'bpe')
 
 def fit_text_tokenizer(spec: dict, captions: list[list[str]]) -> tuple[TextTokenizer, dict]:
     """(tokenizer, full spec with its `length`) for `spec` = {'kind': 'attributes' | 'words' | 'bpe', options} fitted
-    on the training `captions` (a caption list per image). BPE options: `vocab_size` (1000), `dropout` (0)."""
+    on the training `captions` (a caption list per image). BPE options: `vocab_size` (1000) and `dropout` (0.1, as
+    DALL·E trains: each time a caption is read, every merge is skipped with that probability)."""
     kind = spec.get('kind')
     _check(kind in TEXT_KINDS, f"unknown text tokenizer {kind!r}; use one of {', '.join(TEXT_KINDS)}")
     flat = [c for caps in captions for c in caps]
@@ -105,9 +106,10 @@ def fit_text_tokenizer(spec: dict, captions: list[list[str]]) -> tuple[TextToken
         for i, c in enumerate(flat):
             try: tok.encode(c)
             except InputError as e: raise InputError(f"caption {i + 1} ({c!r}) is not an MD-MNIST description ({e}); "
-                                                     f"use a word or BPE text tokenizer for free text") from None
+                                                     f"pass --text words (or bpe) for free text") from None
         return tok, {**spec, 'length': tok.length}
-    tok = WordTokenizer.fit(flat) if kind == 'words' else BPETokenizer.train(flat, spec.get('vocab_size', 1000))
+    if kind == 'bpe': spec = {'vocab_size': 1000, 'dropout': 0.1, **spec}  # the defaults, recorded in the recipe
+    tok = WordTokenizer.fit(flat) if kind == 'words' else BPETokenizer.train(flat, spec['vocab_size'])
     L = max(1, max(len(tok.encode(c)) for c in flat))
     if spec.get('dropout', 0) > 0:  # BPE-dropout may skip every merge: room for the unmerged characters + </w> of each word
         L = max(L, max(sum(len(w) + 1 for w in tok.pre_tokenize(c)) for c in flat))
@@ -180,7 +182,9 @@ def train_prior(arch: str, tokenizer, data, preset: str = 'tiny', out=None, test
                                   h, w, steps, batch_size, seed, overrides, text=tspec)
     rf = None
     if out is not None:  # every check before the first byte is written (and before the slow tokenizing)
-        rf = RunFolder(out, 'train prior', resume=resume, overwrite=overwrite, inputs={'image_tokenizer': fp})
+        rf = RunFolder(out, 'train prior', resume=resume, overwrite=overwrite,
+                       inputs={'image_tokenizer': fp, 'train_data': dataset_fingerprint(train),
+                               'test_data': dataset_fingerprint(test)})
         recipe = rf.prepare(recipe, SAME_PRIOR_RUN, steps, verify=[_read_cache])
         rf.open()
     try:

@@ -4,15 +4,15 @@
 
 # %% ../nbs/01_runs.ipynb #01_runs-002
 from __future__ import annotations
-import copy, fcntl, json, os, time
+import copy, json, os, time
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 
 from .core import InputError, is_main_process, load_checkpoint, read_json, require, write_text_atomic
 
 # %% auto #0
-__all__ = ['FILES', 'RUN_FORMAT', 'RunFolder', 'read_manifest', 'steps_per_epoch', 'resolve_train', 'merge_overrides', 'Recipe',
-           'RunResult']
+__all__ = ['FILES', 'RUN_FORMAT', 'INPUT_LABELS', 'RunFolder', 'read_manifest', 'steps_per_epoch', 'resolve_train',
+           'merge_overrides', 'Recipe', 'RunResult']
 
 # %% ../nbs/01_runs.ipynb #01_runs-005
 FILES = dict(
@@ -27,6 +27,8 @@ FILES = dict(
     tokens='tokens.safetensors', captions='captions.json',  # a prior run's cached image tokens and captions
 )
 RUN_FORMAT = 'dalle_course/run/1'
+INPUT_LABELS = {'image_tokenizer': 'image tokenizer (--tokenizer)', 'train_data': 'training data (--data)',
+                'test_data': 'test data (--test)'}  # how the fingerprinted inputs of a run are named to a user
 
 # %% ../nbs/01_runs.ipynb #01_runs-007
 def _listing(path: Path) -> list[str]:
@@ -37,6 +39,22 @@ def _inside(path: Path, name) -> bool:
     "Whether the manifest entry `name` is a plain relative path that stays inside `path`."
     if not isinstance(name, str) or not name or Path(name).is_absolute() or '..' in Path(name).parts: return False
     return (path / name).resolve().is_relative_to(path.resolve())
+
+def _check_tree(path: Path, manifest: dict):
+    """Refuse (one line) a run folder in which a file dalle-course did not write has a name this command writes, or
+    whose child runs are damaged or hold such files; nothing is deleted here."""
+    ours = set(manifest['files']) | {FILES['manifest']}
+    clash = sorted(n for n in FILES.values() if (path / n).exists() and n not in ours)
+    if clash: raise InputError(f"{path / clash[0]} was not written by this run, and the run writes a file of that name; "
+                               f"move it away or choose another --out")
+    for child in manifest['children']:
+        c = path / child
+        if not c.is_dir(): continue
+        if not (c / FILES['manifest']).is_file():
+            if _listing(c): raise InputError(f"{c} holds files dalle-course did not write (e.g. {_listing(c)[0]}); move "
+                                             f"them away or choose another --out")
+            continue
+        _check_tree(c, _valid_manifest(c))
 
 def _valid_manifest(path: Path) -> dict:
     "The manifest of `path`, checked for shape; damage is one line that deletes nothing."
@@ -60,7 +78,7 @@ class RunFolder:
                  resumable: bool = True):
         self.path, self.command, self.resume, self.overwrite = Path(path), command, resume, overwrite
         self.inputs, self.resumable = dict(inputs or {}), resumable  # inputs: {name: fingerprint}
-        self.manifest, self._lock, self.resumed = None, None, False
+        self.manifest, self._lock, self.resumed, self.main = None, None, False, is_main_process()
         require(not (resume and overwrite), "--resume and --overwrite contradict each other; pass one of them")
         require(resumable or not resume, f"`{command}` cannot be resumed; drop --resume")
 
@@ -69,7 +87,14 @@ class RunFolder:
 
     def __repr__(self): return f"RunFolder({str(self.path)!r}, {self.command!r})"
 
-    def check(self) -> dict | None:
+    def _check_inputs(self, old: dict):
+        for name, fp in self.inputs.items():
+            was = old.get('inputs', {}).get(name)
+            what = INPUT_LABELS.get(name, name.replace('_', ' '))
+            require(was is None or was == fp, f"{self.path} was made with another {what} (fingerprint {was}, this "
+                    f"call's is {fp}); resume it with the {what} it was made with")
+
+    def check(self, inputs: bool = True) -> dict | None:
         "Every check of the policy, writing nothing: the old manifest of the folder (None if it holds no run)."
         p, opt = self.path, ('--resume or ' if self.resumable else '') + '--overwrite'
         require(not p.exists() or p.is_dir(), f"{p} is a file, not a folder; choose a folder for --out")
@@ -83,11 +108,9 @@ class RunFolder:
         old = _valid_manifest(p)
         require(old.get('command') == self.command, f"{p} holds a `{old.get('command')}` run, not a `{self.command}` "
                 f"one; choose another --out")
+        _check_tree(p, old)  # before anything is deleted or written: children sound, no foreign file under our names
         if self.resume:
-            for name, fp in self.inputs.items():
-                was = old.get('inputs', {}).get(name)
-                require(was is None or was == fp, f"{p} was made with another {name.replace('_', ' ')} (fingerprint "
-                        f"{was}, this call's is {fp}); resume it with the {name.replace('_', ' ')} it was made with")
+            if inputs: self._check_inputs(old)
             return old
         require(self.overwrite, f"{p} is not empty: it holds a `{self.command}` run; pass {opt} to replace it, "
                 f"or choose another --out")
@@ -95,6 +118,9 @@ class RunFolder:
 
     def open(self) -> RunFolder:
         "Check, then create (or continue, or clear what the old run wrote), lock and write the manifest."
+        if not self.main:  # under torchrun only rank 0 checks, locks and records; the others just know the paths
+            self.manifest = {'format': RUN_FORMAT, 'command': self.command, 'files': [], 'inputs': {}, 'children': []}
+            return self
         old = self.check()
         self.path.mkdir(parents=True, exist_ok=True)
         self._acquire()
@@ -108,7 +134,7 @@ class RunFolder:
                     tmp = (self.path / name).with_name(f'.{Path(name).name}.tmp')
                     if tmp.is_file(): tmp.unlink()
             self.manifest = old or {'format': RUN_FORMAT, 'command': self.command, 'files': [], 'inputs': {},
-                                     'created': time.strftime('%Y-%m-%d %H:%M:%S')}
+                                     'children': [], 'created': time.strftime('%Y-%m-%d %H:%M:%S')}
             self.manifest['inputs'].update(self.inputs)
             self.manifest['writer'] = os.getpid()
             self._save_manifest()
@@ -119,18 +145,21 @@ class RunFolder:
     def prepare(self, recipe: Recipe, same=(), steps: int | None = None, verify=()) -> Recipe:
         """Check the policy (writing nothing) and return the recipe to train with: `recipe`, or, when resuming, the
         saved one (only `steps` may change) after checking each `(key path, option name)` of `same` agrees."""
-        old = self.check()
+        old = self.check(inputs=False)  # the recipe's own fields first: they name the option that differs
         if old is None or not self.resume: return recipe
         ck = self.path / FILES['checkpoint']
-        if ck.is_file(): load_checkpoint(ck)  # a damaged checkpoint is refused now, before anything is written
+        done = load_checkpoint(ck)['step'] if ck.is_file() else 0  # a damaged checkpoint is refused now, before any write
+        require(not steps or steps >= done, f"{self.path} has already trained {done} steps; pass --steps {done} or "
+                f"more to resume it (or --overwrite to start again)")
         for f in verify: f(self.path)          # the stage's own files (a prior's token cache)
         rp = self.path / FILES['recipe']
-        if not rp.is_file(): return recipe     # killed before its recipe was written: start over
+        if not rp.is_file(): self._check_inputs(old); return recipe  # killed before its recipe: start over
         saved = Recipe.load(rp)
         for keys, option in same:
             a, b = saved.to_dict(), recipe.to_dict()
             for k in keys: a, b = a.get(k), b.get(k)
             require(a == b, f"{self.path} was trained with {option} {a} but this call has {b}; resume it with {option} {a}")
+        self._check_inputs(old)
         if steps: saved.train['steps'] = steps
         return saved
 
@@ -145,6 +174,8 @@ class RunFolder:
         "The path of the file `name` (a key of `FILES` or a relative path), recorded as written by this run."
         rel = FILES.get(name, name)
         require(self.manifest is not None, f"{self} is not open; call open() before writing into it")
+        if rel not in self.manifest['files'] and (self.path / rel).exists() and self.main:
+            raise InputError(f"{self.path / rel} exists and was not written by this run; move it away or choose another --out")
         if rel not in self.manifest['files']:
             self.manifest['files'].append(rel); self._save_manifest()
         path = self.path / rel
@@ -158,6 +189,8 @@ class RunFolder:
 
     def _acquire(self):
         "An exclusive lock on the folder itself (flock on its directory: the kernel drops it when the process dies)."
+        try: import fcntl
+        except ImportError: return  # no flock on this system (Windows): folders are not locked there
         fd = os.open(self.path, os.O_RDONLY)
         try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -172,6 +205,7 @@ class RunFolder:
     def close(self):
         "Release the lock (the folder stays as it is)."
         if self._lock is None: return
+        import fcntl
         fd, self._lock = self._lock, None
         fcntl.flock(fd, fcntl.LOCK_UN); os.close(fd)
 
@@ -278,12 +312,6 @@ class Recipe:
 
     @classmethod
     def load(cls, path) -> Recipe: return cls.from_dict(read_json(path, 'recipe'))
-
-    def size(self, n_params: int | None = None) -> str:
-        "One line on how big the run is: steps, batch, epochs and parameters."
-        t = self.train
-        s = f"{t['steps']} steps of {t['batch_size']} ({t['steps'] * t['batch_size'] / max(1, self.n_train):.1f} epochs of {self.n_train})"
-        return s + (f", {n_params:,} parameters" if n_params is not None else '')
 
 # %% ../nbs/01_runs.ipynb #01_runs-015
 @dataclass

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 
 from .core import InputError, get_device, image_grid, require as _check, seed_everything
-from .datasets import image_size as dataset_image_size, split_train_test
+from .datasets import dataset_fingerprint, image_size as dataset_image_size, split_train_test
 from .learner import read_metrics, train_recipe
 from .image_tokenizer import ImageTokenizer, evaluate_tokenizer
-from .runs import FILES, Recipe, RunFolder, RunResult, merge_overrides, resolve_train
+from .runs import FILES, Recipe, RunFolder, RunResult, resolve_train
 from .schedules import Schedule
 from .dvae import DVAE, THESIS_TABLE6_DVAE, THESIS_TABLE7_DVAE, dvae_hparams, dvae_loss, tokenizer_eval_fn
 from .vqvae import THESIS_TABLE5_VQVAE, VQVAE, vqvae_loss, vqvae_param_groups
@@ -129,7 +129,8 @@ def train_tokenizer(kind: str, data, preset: str = 'tiny', out=None, test=None, 
     recipe = resolve_recipe(kind, preset, dataset_image_size(train), len(train), steps, batch_size, seed, overrides)
     rf = None
     if out is not None:  # every check before the first byte is written
-        rf = RunFolder(out, 'train tokenizer', resume=resume, overwrite=overwrite)
+        rf = RunFolder(out, 'train tokenizer', resume=resume, overwrite=overwrite,
+                       inputs={'train_data': dataset_fingerprint(train), 'test_data': dataset_fingerprint(test)})
         recipe = rf.prepare(recipe, SAME_TOKENIZER_RUN, steps)
         rf.open()
     try:
@@ -218,8 +219,7 @@ def compare_tokenizers(train, test, preset: str = 'tiny', steps: int | None = No
     """Train every variant of `variants` (default COMPARISON) on the same data; {name: train_tokenizer result}.
     `out` is an open `RunFolder`, a folder path (each variant's run goes to `out/runs/<name>`) or None."""
     _check(preset in PRESETS, f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
-    # thesis presets have no DALL-E dVAE settings: compare the variants the preset covers
-    variants = {n: v for n, v in (variants or COMPARISON).items() if v[0] in PRESETS[preset]['kinds']}
+    variants = _variants(preset, variants)
     check_comparison(train, test, preset, steps, kw.get('batch_size'), kw.get('seed', 0), variants, kw.get('device'))
     where = (lambda n: out.child(f'runs/{_slug(n)}')) if isinstance(out, RunFolder) else \
             (lambda n: None if out is None else Path(out) / 'runs' / _slug(n))
@@ -227,13 +227,17 @@ def compare_tokenizers(train, test, preset: str = 'tiny', steps: int | None = No
                                   plots=False, **kw)
             for name, (kind, ov) in variants.items()}
 
+def _variants(preset: str, variants: dict | None = None) -> dict:
+    "The variants a preset covers (thesis presets have no DALL-E dVAE settings)."
+    return {n: v for n, v in (variants or COMPARISON).items() if v[0] in PRESETS[preset]['kinds']}
+
 def check_comparison(train, test, preset: str = 'tiny', steps: int | None = None, batch_size: int | None = None,
                      seed: int = 0, variants: dict | None = None, device: str | None = None, eval_images: int = 256):
     "Every check of a comparison (data, device, each variant's recipe) before any of its runs writes a byte."
     _check(preset in PRESETS, f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
     get_device(device)
     tr, _ = split_train_test(train, test, eval_images)
-    for kind, ov in (variants or {n: v for n, v in COMPARISON.items() if v[0] in PRESETS[preset]['kinds']}).values():
+    for kind, ov in _variants(preset, variants).values():
         resolve_recipe(kind, preset, dataset_image_size(tr), len(tr), steps, batch_size, seed, ov)
 
 def comparison_table(runs: dict) -> str:

@@ -121,7 +121,8 @@ from dalle_course.dvae import (DALLE_DVAE, DVAE, THESIS_TABLE5, THESIS_TABLE6_DV
                                code_distribution, dvae_from_table, dvae_hparams, dvae_loss, kl_to_uniform,
                                logit_laplace_nll, map_pixels, tokenizer_eval_fn, unmap_pixels)
 from dalle_course.image_tokenizer import TOKENIZER_FILE, code_counts, load_tokenizer
-from dalle_course.learner import Learner, Schedule, TrainConfig
+from dalle_course.learner import Learner, TrainConfig
+from dalle_course.schedules import Schedule
 
 
 @pytest.mark.parametrize('mu,b', [(0.0, 1.0), (-2.0, 0.3), (1.5, 0.1), (0.7, 0.5), (3.0, 0.8)])

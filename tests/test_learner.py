@@ -11,7 +11,8 @@ from torch.testing import assert_close
 
 from dalle_course import learner as L
 from dalle_course.core import InputError, load_checkpoint, read_checkpoint_meta
-from dalle_course.learner import (Learner, NonFiniteLossError, Schedule, StepBatchSampler, TrainConfig, fixed_rng,
+from dalle_course.schedules import Schedule
+from dalle_course.learner import (Learner, NonFiniteLossError, StepBatchSampler, TrainConfig, fixed_rng,
                                   plot_metrics, read_metrics, to_device, update_ema)
 
 HERE = Path(__file__).resolve().parent

@@ -255,19 +255,18 @@ def test_write_out_rules(tmp_path):
     assert listing(tmp_path) == before and (tmp_path / 'mine' / 'notes.txt').read_text() == 'precious'
 
 
-def test_overwrite_replaces_completely(tmp_path):
+def test_overwrite_replaces_the_dataset_and_keeps_other_files(tmp_path):
     out = tmp_path / 'md'
     write_mdmnist(out, 30, seed=1, show_progress=False)
     (out / 'extra.txt').write_text('mine')
     with pytest.raises(InputError, match='overwrite'): write_mdmnist(out, 10, seed=2)
-    # a file the tool did not write is never deleted: --overwrite refuses and names it
-    with pytest.raises(InputError, match='extra.txt'): write_mdmnist(out, 10, seed=2, overwrite=True)
-    assert len(np.load(out / 'images.npy')) == 30 and (out / 'extra.txt').read_text() == 'mine'
-    (out / 'extra.txt').unlink()
+    assert len(np.load(out / 'images.npy')) == 30
+    # every dataset file is replaced; a file the tool did not write is never deleted
     write_mdmnist(out, 10, seed=2, size=64, overwrite=True, show_progress=False)
     assert listing(tmp_path) == ['md'] + [f'md/{f}' for f in sorted(['images.npy', 'captions.txt', 'attributes.npy',
-                                                                      'sources.npy', 'meta.json'])]
+                                                                      'sources.npy', 'meta.json', 'extra.txt'])]
     assert np.load(out / 'images.npy').shape == (10, 64, 64, 3) and json.loads((out / 'meta.json').read_text())['seed'] == 2
+    assert (out / 'extra.txt').read_text() == 'mine'
 
 
 def test_failure_leaves_nothing_half_written(tmp_path, monkeypatch):
@@ -283,6 +282,18 @@ def test_failure_leaves_nothing_half_written(tmp_path, monkeypatch):
     monkeypatch.setattr(md, '_render', crash)
     with pytest.raises(KeyboardInterrupt): write_mdmnist(out, 20, seed=2, chunk=5, overwrite=True, show_progress=False)
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == old and os.listdir(tmp_path) == ['md']
+    # a failure after the user's file moved into the new folder (the last rename fails): it comes back
+    (out / 'notes.txt').write_text('mine'); old['notes.txt'] = b'mine'
+    monkeypatch.setattr(md, '_render', real)
+    real_rename = os.rename
+    def fail_swap(a, b):
+        if Path(a).name.startswith('.md.partial-') and Path(b) == out: raise OSError('simulated failure of the swap')
+        return real_rename(a, b)
+    monkeypatch.setattr(md.os, 'rename', fail_swap)
+    with pytest.raises(OSError, match='simulated'): write_mdmnist(out, 20, seed=2, chunk=5, overwrite=True, show_progress=False)
+    monkeypatch.setattr(md.os, 'rename', real_rename)
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == old and os.listdir(tmp_path) == ['md']
+    monkeypatch.setattr(md, '_render', crash)
     calls.clear()
     with pytest.raises(KeyboardInterrupt): write_mdmnist(tmp_path / 'new', 20, chunk=5, show_progress=False)
     assert os.listdir(tmp_path) == ['md']

@@ -140,10 +140,12 @@ def bench_run_replaced(c, before, after):
 
 def dataset_replaced(c, before, after):
     out = c['out']
+    extra = ['foreign.txt'] if c.get('foreign') else []
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ['images.npy', 'captions.txt', 'attributes.npy', 'sources.npy', 'meta.json'])
+        ['images.npy', 'captions.txt', 'attributes.npy', 'sources.npy', 'meta.json'] + extra)
     assert len((out / 'captions.txt').read_text().splitlines()) == 5
     assert not [p for p in out.parent.iterdir() if p.name.startswith('.')]
+    if extra: assert (out / 'foreign.txt').read_text() == 'mine'  # the user's file survives the overwrite
 
 
 def victim_survives(c, before, after):
@@ -183,6 +185,13 @@ def copy_run(name, **edits):
         shutil.copytree(getattr(s, name), out)
         for f, edit in edits.items(): edit(out / f.replace('__', '.'))
     return setup
+
+
+def unlisted(name):
+    "The run's manifest forgets `name`, as if the run had been killed before writing it and the user had put it there."
+    def edit(p: Path):
+        m = json.loads(p.read_text()); m['files'].remove(name); p.write_text(json.dumps(m))
+    return edit
 
 
 def truncate(n=None):
@@ -262,7 +271,7 @@ def dataset_out(foreign=False):
     def setup(c, s):
         c['out'] = c['t'] / 'ds'
         shutil.copytree(s.names()['train'], c['out'])
-        if foreign: (c['out'] / 'foreign.txt').write_text('mine')
+        if foreign: (c['out'] / 'foreign.txt').write_text('mine'); c['foreign'] = True
     return setup
 
 
@@ -322,7 +331,8 @@ def busy_writer(c, s):
     c['out'] = c['t'] / 'run'
     args = [str(a) for a in long_tokenizer_args(s, c['out'])]
     args[args.index('--steps') + 1] = '400'
-    w = c['writer'] = subprocess.Popen([sys.executable, '-m', 'dalle_course.cli', *args], stdout=subprocess.DEVNULL,
+    w = c['writer'] = subprocess.Popen([sys.executable, '-m', 'dalle_course.cli', *args], preexec_fn=_default_sigint,
+                                       stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS='1'))
     c['cleanup'].append(lambda: stop(w))
     wait_for(c['out'] / 'checkpoint.safetensors', w)
@@ -420,8 +430,14 @@ CASES = [
          status=0, check=tokenizer_run_replaced),
     Case('ow-bench-run-keeps-canaries', B('--out', '{out}', '--overwrite', steps=3), bench_run_with_canaries,
          status=0, check=bench_run_replaced),
-    Case('ow-mdmnist-foreign-file', MD('--out', '{out}', '--overwrite'), dataset_out(foreign=True),
-         words=('foreign.txt',)),
+    Case('ow-mdmnist-foreign-file-kept', MD('--out', '{out}', '--overwrite'), dataset_out(foreign=True),
+         status=0, check=dataset_replaced),
+    Case('ow-user-file-under-our-name', T('--out', '{out}', '--overwrite'),
+         copy_run('tok', run__json=unlisted('tokenizer.safetensors')), words=('tokenizer.safetensors', 'not written by this run')),
+    Case('ow-resume-user-file-under-our-name', T('--out', '{out}', '--resume'),
+         copy_run('tok', run__json=unlisted('eval.json')), words=('eval.json', 'not written by this run')),
+    Case('args-resume-steps-below-checkpoint', T('--out', '{out}', '--resume', steps=1), copy_run('tok'),
+         words=('already trained 2 steps', '--steps 2')),
     Case('ow-mdmnist-needs-flag', MD('--out', '{out}'), dataset_out(), words=('--overwrite',)),
     Case('ow-mdmnist-own-dataset', MD('--out', '{out}', '--overwrite'), dataset_out(), status=0, check=dataset_replaced),
     Case('ow-damaged-manifest', T('--out', '{out}', '--overwrite'), copy_run('tok', run__json=truncate(100)),
@@ -429,8 +445,10 @@ CASES = [
     Case('ow-manifest-entry-outside-the-folder', T('--out', '{out}', '--overwrite'), manifest_escaping_the_folder,
          words=('outside the run folder',), check=victim_survives),
     # ---- fingerprints
-    Case('fp-resume-prior-other-tokenizer', P('--out', '{out}', '--resume', tok='{patch2}'), copy_run('prior'),
-         words=('another image tokenizer', 'fingerprint')),
+    Case('fp-resume-prior-other-codebook', P('--out', '{out}', '--resume', tok='{patch2}'), copy_run('prior'),
+         words=('codebook size 64', 'this call has 8')),
+    Case('fp-resume-prior-other-tokenizer', P('--out', '{out}', '--resume', tok='{tok}'), copy_run('prior'),
+         words=('another image tokenizer', 'fingerprint')),  # the same codebook size (64), another tokenizer
     Case('fp-sample-tokenizer-copy-of-another-run', S(prior='{out}'), prior_with_tokenizer_of('tok-run'),
          words=('tokenizer.safetensors', 'not the tokenizer this prior was trained on')),
     Case('fp-sample-tokenizer-copy-same-grid', S(prior='{out}'), prior_with_tokenizer_of('patch2'),
@@ -483,7 +501,7 @@ CASES = [
     Case('num-guidance-nan', S('--guidance', 'nan'), words=('guidance', 'nan')),
     Case('num-top-p-nan', S('--top-p', 'nan'), words=('top_p', 'nan')),
     # ---- locks: a second writer while the first holds the folder
-    Case('lock-second-writer-resume', T('--out', '{out}', '--resume'), busy_writer, words=('another process',),
+    Case('lock-second-writer-resume', T('--out', '{out}', '--resume', steps=400), busy_writer, words=('another process',),
          check=writer_untouched, snapshot=False),
     Case('lock-second-writer-overwrite', T('--out', '{out}', '--overwrite'), busy_writer, words=('another process',),
          check=writer_untouched, snapshot=False),
@@ -520,9 +538,14 @@ def test_table_covers_every_group():
 
 
 # ---------------------------------------------------------------- Ctrl-C, kill -9, and a killed dataset
+def _default_sigint():
+    "In the child, before exec: Ctrl-C acts as in a terminal (a shell's background job inherits SIGINT ignored)."
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _popen(args, err: Path):
     return subprocess.Popen([sys.executable, '-m', 'dalle_course.cli', *map(str, args)], stdout=subprocess.DEVNULL,
-                            stderr=err.open('w'), env=dict(os.environ, OMP_NUM_THREADS='1'))
+                            stderr=err.open('w'), env=dict(os.environ, OMP_NUM_THREADS='1'), preexec_fn=_default_sigint)
 
 
 def _assert_same_tokenizer(a: Path, b: Path):

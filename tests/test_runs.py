@@ -1,5 +1,6 @@
 "The shared machinery: run folders, recipes and the preset->steps function, the model registry, the dataset protocol."
 import json, math, os
+from pathlib import Path
 
 import pytest
 import torch
@@ -267,3 +268,50 @@ def test_time_estimate_leaves_everything_as_it_was(capsys):
     assert secs > 0 and torch.equal(m.weight, w) and m.weight.grad is None and torch.equal(rng, torch.get_rng_state())
     line = capsys.readouterr().out
     assert 'train demo: 5 parameters, 5 steps of 8' in line and 'estimated' in line and 'ms per step' in line
+
+
+def test_children_are_checked_before_anything_is_deleted(tmp_path):
+    out = tmp_path / 'demo'
+    with RunFolder(out, 'demo') as rf:
+        rf.file('report/a.txt').write_text('a')
+        with RunFolder(rf.child('prior'), 'train prior') as c: c.file('prior').write_text('p')
+    (out / 'prior' / 'mine.txt').write_text('m')  # fine beside the child's run: kept
+    (out / 'prior' / 'eval.json').write_text('{}')  # but a file of ours by name that the child did not write: refused
+    with pytest.raises(InputError, match='eval.json was not written by this run'): RunFolder(out, 'demo', overwrite=True).open()
+    assert (out / 'report' / 'a.txt').exists() and (out / 'prior' / 'prior.safetensors').exists()  # nothing deleted
+
+
+def test_no_stage_module_imports_another():
+    "The two training modules are stages: neither imports the other; model modules import no training module."
+    import ast, dalle_course
+    root = Path(dalle_course.__file__).parent
+    def imports(name):
+        tree = ast.parse((root / f'{name}.py').read_text())
+        return {n.module.split('.')[-1] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | \
+               {a.name.split('.')[-1] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    stages = {'tokenizer_training', 'prior_training'}
+    for s in stages: assert not (imports(s) & (stages - {s})), s
+    for model in ('dvae', 'vqvae', 'prior', 'image_tokenizer', 'transformer', 'masks', 'text', 'sampling'):
+        assert not (imports(model) & (stages | {'learner', 'demo', 'cli'})), model
+
+
+def test_text_tokenizer_kind_comes_from_the_dataset(tmp_path):
+    from dalle_course.datasets import text_tokenizer_kind
+    from dalle_course.mdmnist import MDMNIST, write_mdmnist
+    write_mdmnist(tmp_path / 'md', 4, seed=0, size=64, show_progress=False)
+    ds = MDMNIST(tmp_path / 'md')
+    assert text_tokenizer_kind(ds) == 'attributes' and text_tokenizer_kind(torch.utils.data.Subset(ds, [1])) == 'attributes'
+    assert text_tokenizer_kind([{'image': torch.zeros(3, 8, 8), 'captions': ['a bird']}]) == 'words'
+
+
+def test_data_fingerprint_refuses_other_data_on_resume(tmp_path):
+    from helpers import write_splits
+    from dalle_course.tokenizer_training import train_tokenizer
+    from dalle_course.mdmnist import write_mdmnist
+    write_splits(tmp_path, 32, 8, 2)
+    write_mdmnist(tmp_path / 'other', 32, seed=5, size=64, show_progress=False)
+    kw = dict(test=tmp_path / 'test', steps=2, plots=False, eval_images=8)
+    train_tokenizer('vqvae', tmp_path / 'train', out=tmp_path / 'run', **kw)
+    with pytest.raises(InputError, match=r'another training data \(--data\)'):
+        train_tokenizer('vqvae', tmp_path / 'other', out=tmp_path / 'run', resume=True, **{**kw, 'steps': 3})
+    assert train_tokenizer('vqvae', tmp_path / 'train', out=tmp_path / 'run', resume=True, **{**kw, 'steps': 3})['summary']['step'] == 3

@@ -9,7 +9,8 @@ from torch.testing import assert_close
 
 from dalle_course.core import InputError
 from dalle_course.image_tokenizer import TOKENIZER_FILE, code_counts, codebook_usage, load_tokenizer, perplexity
-from dalle_course.learner import Learner, Schedule, TrainConfig
+from dalle_course.learner import Learner, TrainConfig
+from dalle_course.schedules import Schedule
 from dalle_course.vqvae import (THESIS_TABLE5_VQVAE, VQVAE, VectorQuantizer, code_distances, kmeans, kmeans_plus_plus,
                                 nearest_codes, vqvae_hparams, vqvae_loss, vqvae_param_groups)
 
