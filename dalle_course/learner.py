@@ -439,9 +439,12 @@ class Learner:
             if self.step > start:  # end of the run: final evaluation and checkpoint (unless just done)
                 if not (cfg.eval_every and self.step % cfg.eval_every == 0): self.evaluate(log=True)
                 if self.ckpt_step != self.step: self.save()
+            if self.ddp: dist.barrier()  # every rank done with its collectives before the process group is destroyed
         finally:
             pbar.close()
-            if self._own_group: dist.destroy_process_group(); self._own_group = False
+            if self._own_group:  # drop the DDP wrapper (its reducer holds gloo work) before the group goes
+                self.train_module = getattr(self.train_module, 'module', self.train_module)
+                dist.destroy_process_group(); self._own_group = False
         secs = time.time() - self._t0; n = self.step - start
         summary = {'step': self.step, 'loss': last.get('loss', float('nan')), 'eval': self.last_eval,
                    'steps_per_s': n / secs if secs else 0.0, 'samples_per_s': n * cfg.batch_size / secs if secs else 0.0,
