@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #00_core-002
 from __future__ import annotations
-import hashlib, json, os, random, tempfile
+import hashlib, json, os, random
 from contextlib import nullcontext
 from pathlib import Path
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .core import InputError, autocast, progress

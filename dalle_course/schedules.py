@@ -8,7 +8,7 @@ import copy, math
 
 import numpy as np
 
-from .core import InputError, require as _check
+from .core import require as _check
 
 # %% auto #0
 __all__ = ['Schedule', 'plot_schedules']

@@ -4,7 +4,7 @@
 
 # %% ../nbs/20_text.ipynb #20_text-003
 from __future__ import annotations
-import json, re
+import re
 from collections import Counter
 from pathlib import Path
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from .core import InputError, get_device, image_grid, require as _check, seed_everything
+from .core import get_device, image_grid, require as _check, seed_everything
 from .datasets import dataset_fingerprint, image_size as dataset_image_size, split_train_test
 from .learner import read_metrics, train_recipe
 from .image_tokenizer import ImageTokenizer, evaluate_tokenizer
-from .runs import FILES, Recipe, RunFolder, RunResult, resolve_train
+from .runs import Recipe, RunFolder, RunResult, resolve_train
 from .schedules import Schedule
 from .dvae import DVAE, THESIS_TABLE6_DVAE, THESIS_TABLE7_DVAE, dvae_hparams, dvae_loss, tokenizer_eval_fn
 from .vqvae import THESIS_TABLE5_VQVAE, VQVAE, vqvae_loss, vqvae_param_groups
@@ -25,7 +25,7 @@ __all__ = ['TOKENIZER_KINDS', 'KINDS', 'PRESETS', 'SAME_TOKENIZER_RUN', 'COMPARI
            'plot_code_histograms', 'plot_reconstructions', 'compare_tokenizers', 'check_comparison', 'comparison_table',
            'save_comparison']
 
-# %% ../nbs/14_tokenizer_training.ipynb #14_tokenizer_training-004
+# %% ../nbs/14_tokenizer_training.ipynb #14_tokenizer_training-005
 @dataclass(frozen=True)
 class TokenizerKind:
     "One row of the table of tokenizer kinds: what `--kind NAME` builds and trains."
@@ -73,7 +73,7 @@ PRESETS: dict[str, dict] = {
                         steps=20000, batch_size=64, lr=1e-3, lr_schedule='warmup_cosine', warmup=500),
 }
 
-# %% ../nbs/14_tokenizer_training.ipynb #14_tokenizer_training-006
+# %% ../nbs/14_tokenizer_training.ipynb #14_tokenizer_training-007
 def resolve_recipe(kind: str, preset: str, image_size: int, n_train: int, steps: int | None = None,
                    batch_size: int | None = None, seed: int = 0, overrides: dict | None = None) -> Recipe:
     "The full, JSON-able training recipe for `kind` under `preset` on `n_train` images of `image_size`."
@@ -101,7 +101,7 @@ def resolve_recipe(kind: str, preset: str, image_size: int, n_train: int, steps:
     recipe = Recipe('tokenizer', kind, preset, n_train, model, train, hparams, extra={'codebook_lr_mult': lr_mult})
     return recipe.with_overrides(overrides)  # e.g. {'model': {'kmeans_init': False}, 'hparams': {...}}
 
-# %% ../nbs/14_tokenizer_training.ipynb #14_tokenizer_training-009
+# %% ../nbs/14_tokenizer_training.ipynb #14_tokenizer_training-010
 def build_tokenizer(recipe: Recipe) -> ImageTokenizer:
     "A fresh tokenizer model for `recipe`."
     return TOKENIZER_KINDS[recipe.kind].cls(**recipe.model)
@@ -114,7 +114,7 @@ def tokenizer_hparams(recipe: Recipe) -> dict:
     "The recipe's scheduled hyperparameters as Schedules."
     return {k: Schedule.from_dict(v) for k, v in recipe.hparams.items()}
 
-# %% ../nbs/14_tokenizer_training.ipynb #14_tokenizer_training-011
+# %% ../nbs/14_tokenizer_training.ipynb #14_tokenizer_training-012
 SAME_TOKENIZER_RUN = [(('kind',), '--kind'), (('preset',), '--preset'), (('model', 'image_size'), 'image size')]
 
 def train_tokenizer(kind: str, data, preset: str = 'tiny', out=None, test=None, resume: bool = False,
@@ -155,7 +155,7 @@ def train_tokenizer(kind: str, data, preset: str = 'tiny', out=None, test=None, 
     finally:
         if rf is not None: rf.close()
 
-# %% ../nbs/14_tokenizer_training.ipynb #14_tokenizer_training-013
+# %% ../nbs/14_tokenizer_training.ipynb #14_tokenizer_training-014
 def plot_usage_curves(runs: dict, title: str | None = 'codebook usage during training'):
     "Usage (%) and perplexity vs step for {name: metrics records or metrics.jsonl path}."
     import matplotlib.pyplot as plt
@@ -201,7 +201,7 @@ def _save_plots(result, test, rf: RunFolder):
                        ('recon.png', plot_reconstructions({name: result['tokenizer']}, x))]:
         fig.savefig(rf.file(fname), dpi=80); plt.close(fig)
 
-# %% ../nbs/14_tokenizer_training.ipynb #14_tokenizer_training-019
+# %% ../nbs/14_tokenizer_training.ipynb #14_tokenizer_training-020
 # the comparison of the lesson (and of `dalle-course bench tokenizers`): name -> (kind, recipe overrides)
 COMPARISON = {
     'dVAE DALL-E': ('dvae-dalle', {}),
