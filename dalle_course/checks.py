@@ -12,9 +12,10 @@ from .exercises import CheckFailure, expect, expect_close, passed
 __all__ = ['check_colorize', 'check_slot_box', 'check_warmup_cosine_lr', 'check_ema_update', 'check_gumbel_noise',
            'check_relaxed_sample', 'check_straight_through', 'check_logit_laplace_nll', 'check_kl_to_uniform',
            'check_batch_usage_kl', 'check_nearest_codes', 'check_vq_straight_through', 'check_ema_codebook_step',
-           'check_words', 'check_pair_counts', 'check_merge_pair', 'check_causal_mask', 'check_row_mask',
-           'check_pad_lookup', 'check_attention', 'check_image_positions', 'check_decode_step', 'check_joint_shift',
-           'check_prior_loss', 'check_null_text', 'check_top_k', 'check_top_p', 'check_guide']
+           'check_rotation_trick', 'check_fsq_round', 'check_slot_strips', 'check_caption_following', 'check_words',
+           'check_pair_counts', 'check_merge_pair', 'check_causal_mask', 'check_row_mask', 'check_pad_lookup',
+           'check_attention', 'check_image_positions', 'check_decode_step', 'check_joint_shift', 'check_prior_loss',
+           'check_null_text', 'check_top_k', 'check_top_p', 'check_guide']
 
 # %% ../nbs/91_checks.ipynb #91_checks-004
 def check_colorize(fn) -> None:
@@ -371,6 +372,112 @@ def check_ema_codebook_step(fn) -> None:
         expect_close(e1, er, f"{case}: codebook = m_new / N~ with N~_i = (N_i + eps)/(sum N + K eps) * sum N", atol=1e-5, rtol=1e-4)
         n_cases += 1
     passed('ema_codebook_step', n_cases)
+
+def _plane_rotation(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    "The rotation (D, D) float64 in the plane of unit vectors u, v that maps u onto v (identity elsewhere)."
+    u, v = u.double(), v.double()
+    c = float(u @ v); vp = v - c * u
+    if float(vp.norm()) < 1e-12: return torch.eye(len(u), dtype=torch.float64) * (1 if c > 0 else -1)
+    vp = vp / vp.norm(); s = (1 - c * c) ** 0.5
+    return (torch.eye(len(u), dtype=torch.float64) + s * (torch.outer(vp, u) - torch.outer(u, vp))
+            + (c - 1) * (torch.outer(u, u) + torch.outer(vp, vp)))
+
+def check_rotation_trick(fn) -> None:
+    "Check `fn(z (N, D), e (N, D)) -> q`: value e, gradient λRᵀg for z (R rotates z onto e, λ = |e|/|z|), none for e."
+    g = torch.Generator().manual_seed(0); n = 0
+    for N, D, scale in [(5, 3, 1.0), (4, 8, 3.0), (6, 2, 0.2)]:
+        z = torch.randn(N, D, generator=g, dtype=torch.float64).requires_grad_()
+        e = (torch.randn(N, D, generator=g, dtype=torch.float64) * scale).requires_grad_()
+        gout = torch.randn(N, D, generator=g, dtype=torch.float64)
+        case = f"rotate_to(z of shape {(N, D)}, e with norms about {scale * D ** 0.5:.1f})"
+        q = fn(z, e)
+        expect(isinstance(q, torch.Tensor) and tuple(q.shape) == (N, D), f"{case} should return a tensor of shape {(N, D)}",
+               (N, D), getattr(q, 'shape', type(q).__name__))
+        expect_close(q.detach(), e.detach(), f"{case}: the value must be the codeword e (the rotation maps z onto e)", atol=1e-6, rtol=1e-6)
+        gz, ge = _grads(q, z, e, gout)
+        expect(bool((ge == 0).all()), f"{case}: no gradient may reach e (R and λ are under stop-gradient)", 0, ge)
+        zd, ed = z.detach(), e.detach()
+        ref = torch.stack([float(ed[i].norm() / zd[i].norm()) * _plane_rotation(zd[i] / zd[i].norm(), ed[i] / ed[i].norm()).T @ gout[i]
+                           for i in range(N)])
+        expect(not torch.allclose(gz, gout), f"{case}: the gradient for z is lambda R^T g, not g (that is straight-through)", ref, gz)
+        expect_close(gz, ref, f"{case}: the gradient for z is lambda R^T g with lambda = |e|/|z| and R u = v", atol=1e-6, rtol=1e-6)
+        n += 1
+    passed('rotation_trick', n)
+
+def check_fsq_round(fn) -> None:
+    "Check `fn(z (N, d), levels) -> z_hat`: bounded by f_i, rounded to L_i levels, / floor(L_i/2), straight-through gradient."
+    g = torch.Generator().manual_seed(0); n = 0
+    for levels in [(8, 5, 5, 5), (3,), (4, 6), (7, 5, 5, 5, 5)]:
+        d = len(levels)
+        z = (torch.randn(40, d, generator=g, dtype=torch.float64) * 2).requires_grad_()
+        case = f"fsq_round(z of shape {(40, d)}, levels={list(levels)})"
+        out = fn(z, levels)
+        expect(isinstance(out, torch.Tensor) and tuple(out.shape) == (40, d), f"{case} should return a tensor of shape {(40, d)}",
+               (40, d), getattr(out, 'shape', type(out).__name__))
+        ref, dref = torch.empty(40, d, dtype=torch.float64), torch.empty(40, d, dtype=torch.float64)
+        for i, L in enumerate(levels):   # one channel at a time, by the formula
+            half, off = (L - 1) * (1 - 1e-3) / 2, (0.5 if L % 2 == 0 else 0.0)
+            shift = float(np.arctanh(off / half))
+            t = torch.tanh(z.detach()[:, i] + shift)
+            b = t * half - off
+            grid = torch.arange(L, dtype=torch.float64) - L // 2                           # the L integer levels
+            ref[:, i] = grid[(b[:, None] - grid).abs().argmin(1)] / (L // 2)               # nearest level
+            dref[:, i] = (1 - t ** 2) * half / (L // 2)                                    # d f_i / dz / floor(L/2)
+        expect_close(out.detach(), ref, f"{case}: round(f_i(z)) / floor(L_i/2), f_i = (L_i-1)(1-eps)/2 tanh(z + s_i) - o_i",
+                     atol=1e-6, rtol=1e-6)
+        levels_seen = [len(torch.unique(out.detach()[:, i])) <= levels[i] for i in range(d)]
+        expect(all(levels_seen), f"{case}: channel i takes at most L_i distinct values", list(levels), levels_seen)
+        (gz,) = torch.autograd.grad(out.sum(), z, allow_unused=True) if out.requires_grad else (None,)
+        gz = torch.zeros_like(z) if gz is None else gz
+        expect_close(gz, dref, f"{case}: straight-through rounding: the gradient is that of f_i(z)/floor(L_i/2)", atol=1e-6, rtol=1e-5)
+        n += 1
+    passed('fsq_round', n)
+
+def check_slot_strips(fn) -> None:
+    "Check `fn(images (B, 3, S, S)) -> (B, 3, 3, S, 2h)`: the three digit columns, zero-padded, h = ceil(S/6) + S//32."
+    g = torch.Generator().manual_seed(0); n = 0
+    for B, S in [(2, 64), (1, 128), (3, 64)]:
+        x = torch.rand(B, 3, S, S, generator=g) + 0.1                   # no zeros inside the image
+        h = -(-S // 6) + S // 32
+        case = f"strips(images of shape {(B, 3, S, S)})"
+        out = fn(x.clone())
+        expect(isinstance(out, torch.Tensor) and tuple(out.shape) == (B, 3, 3, S, 2 * h),
+               f"{case}: shape (batch, slot, channel, height, 2h) with h = ceil(S/6) + S//32 = {h}", (B, 3, 3, S, 2 * h),
+               getattr(out, 'shape', type(out).__name__))
+        for s in range(3):
+            c = round((2 * s + 1) * S / 6)
+            for j in range(2 * h):                                     # one column at a time, by the definition
+                col = c - h + j
+                ref = x[..., col] if 0 <= col < S else torch.zeros_like(x[..., 0])
+                expect(torch.equal(out[:, s, :, :, j], ref), f"{case}: slot {s}, strip column {j} is image column "
+                       f"{col} (c_s - h + j with c_s = round((2s+1)S/6) = {c}){' -> zeros outside the image' if not 0 <= col < S else ''}",
+                       ref[0, 0, :3], out[0, s, 0, :3, j])
+        n += 1
+    passed('slot_strips', n)
+
+def check_caption_following(fn) -> None:
+    "Check `fn(said, seen) -> dict`: per-attribute accuracy, binding (a digit all right) and exact match (all 12 right)."
+    g = torch.Generator().manual_seed(0); n = 0
+    for N, p_copy in [(50, 0.5), (7, 0.9), (200, 0.2)]:
+        said = torch.stack([torch.randint(0, k, (N, 3), generator=g) for k in (10, 3, 4, 3)], -1)
+        other = torch.stack([torch.randint(0, k, (N, 3), generator=g) for k in (10, 3, 4, 3)], -1)
+        seen = torch.where(torch.rand(N, 3, 4, generator=g) < p_copy, said, other)
+        seen[0] = said[0]                                              # one image all right
+        case = f"following(said, seen) on {N} images"
+        out = fn(said.clone(), seen.clone())
+        expect(isinstance(out, dict), f"{case} should return a dict", 'dict', type(out).__name__)
+        ok = [[[int(said[i, s, f]) == int(seen[i, s, f]) for f in range(4)] for s in range(3)] for i in range(N)]
+        ref = {name: sum(ok[i][s][f] for i in range(N) for s in range(3)) / (3 * N)
+               for f, name in enumerate(('value', 'size', 'colour', 'position'))}
+        ref['binding'] = sum(all(ok[i][s]) for i in range(N) for s in range(3)) / (3 * N)
+        ref['exact'] = sum(all(all(ok[i][s]) for s in range(3)) for i in range(N)) / N
+        for k, v in ref.items():
+            expect(k in out, f"{case}: the result needs the key {k!r}", k, sorted(out))
+            hint = {'binding': "the fraction of digits (slots) with all four attributes right",
+                    'exact': "the fraction of images with all twelve attributes right"}.get(k, f"the fraction of slots whose {k} is right")
+            expect(abs(float(out[k]) - v) < 1e-6, f"{case}: {k} is {hint}", v, out[k])
+        n += 1
+    passed('caption_following', n)
 
 # %% ../nbs/91_checks.ipynb #91_checks-019
 def _ref_words(text: str) -> list:

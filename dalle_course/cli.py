@@ -10,8 +10,8 @@ from pathlib import Path
 from .core import InputError
 
 # %% auto #0
-__all__ = ['PROG', 'TRAIN_COMMANDS', 'run_data_mdmnist', 'run_train', 'run_sample', 'run_demo', 'run_bench_tokenizers',
-           'run_exercises', 'build_parser', 'main']
+__all__ = ['PROG', 'TRAIN_COMMANDS', 'SAMPLE_SUFFIXES', 'run_data_mdmnist', 'run_train', 'run_sample', 'run_demo',
+           'run_bench_tokenizers', 'run_exercises', 'build_parser', 'main']
 
 # %% ../nbs/95_cli.ipynb #95_cli-004
 PROG = 'dalle-course'
@@ -82,6 +82,19 @@ TRAIN_COMMANDS = {
                   "prior.safetensors, eval.json (teacher-forced CE on the test split), ce.png, samples.png."),
 }
 
+def _report_ruler(args, res) -> str:
+    t, s = res['test'], res['summary']
+    return (f"classifier ({args.preset}): {s['step']} steps in {s['seconds']:.1f} s; test accuracy on {t['n_images']} images: "
+            + ', '.join(f"{k} {100 * t[k]:.2f}%" for k in ('value', 'size', 'colour', 'position')) + f" -> {args.out}")
+
+TRAIN_COMMANDS['classifier'] = dict(
+    module='dalle_course.ruler', fn='train_ruler', kind_option='--kind', kinds=lambda m: m['RULER_KINDS'],
+    presets=lambda m: m['RULER_PRESETS'], names='RULER_KINDS RULER_PRESETS', inputs=(), report=_report_ruler,
+    help="the attribute ruler: a CNN that reads the 12 MD-MNIST attributes, to score images",
+    description="Train the attribute classifier (the course's ruler) on real MD-MNIST images, 64 or 128 px. Writes "
+    "to --out: run.json, recipe.json, checkpoint.safetensors (for --resume), metrics.jsonl/png, ruler.safetensors "
+    "(what `load_ruler` and the evaluation read) and eval.json (test accuracy per attribute type).")
+
 def run_train(args) -> int:
     "Run one row of TRAIN_COMMANDS with the parsed options."
     import importlib
@@ -110,35 +123,51 @@ def _check_writable(path: Path):
     try: tempfile.TemporaryFile(dir=d).close()
     except OSError as e: raise InputError(f"--out {path}: cannot write in {d} ({e.strerror}); choose a folder you can write to") from None
 
+SAMPLE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.pdf', '.svg', '.npz')  # a captioned grid, or (.npz) the raw images
+
 def run_sample(args) -> int:
-    "Sample images for prompts from a trained prior and save a captioned grid."
-    from dalle_course.prior_training import load_prior_run, sample_figure
+    "Sample images for prompts from a trained prior; save a captioned grid, or (.npz) the raw images and their prompts."
+    import numpy as np
+    from dalle_course.prior_training import load_prior_run, run_sampling, sample_figure
+    from dalle_course.core import to_uint8_hwc, write_bytes_atomic
     prompts = _read_prompts(args)
-    if args.out.suffix.lower() not in ('.png', '.jpg', '.jpeg', '.pdf', '.svg'):
-        raise InputError(f"--out {args.out} must be an image file name such as grid.png")
-    if args.out.is_dir(): raise InputError(f"--out {args.out} is a folder; give an image file name such as grid.png")
+    if args.out.suffix.lower() not in SAMPLE_SUFFIXES:
+        raise InputError(f"--out {args.out} must be an image file name such as grid.png, or samples.npz for the raw images")
+    if args.out.is_dir(): raise InputError(f"--out {args.out} is a folder; give a file name such as grid.png or samples.npz")
     if args.out.exists() and not args.overwrite:
         raise InputError(f"--out {args.out} already exists; pass --overwrite to replace it or choose another file name")
     _check_writable(args.out)
     prior, itok, ttok = load_prior_run(args.prior, args.device)
+    settings = run_sampling(args.prior, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            guidance=args.guidance)  # the run's recorded settings, unless given here
     t0 = time.time()
-    fig, images = sample_figure(prior, itok, ttok, prompts, n=args.n, seed=args.seed, temperature=args.temperature,
-                                top_k=args.top_k, top_p=args.top_p, guidance=args.guidance,
-                                batch_size=args.batch_size, show_progress=True)
+    fig, images = sample_figure(prior, itok, ttok, prompts, n=args.n, seed=args.seed, batch_size=args.batch_size,
+                                show_progress=True, **settings)
     secs = time.time() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=100)
+    if args.out.suffix.lower() == '.npz':
+        import io, json
+        buf = io.BytesIO()
+        np.savez_compressed(buf, images=to_uint8_hwc(images), prompts=np.array([p for p in prompts for _ in range(args.n)]),
+                            sampling=np.array(json.dumps(settings)))
+        write_bytes_atomic(args.out, buf.getvalue())
+    else: fig.savefig(args.out, dpi=100)
     print(f"{len(images)} images for {len(prompts)} prompt{'s' if len(prompts) > 1 else ''} in {secs:.1f} s "
-          f"({len(images) / secs:.1f} images/s) -> {args.out}")
+          f"({len(images) / secs:.1f} images/s) with {_settings_text(settings)} -> {args.out}")
     return 0
+
+def _settings_text(s: dict) -> str:
+    return ', '.join(f"{k} {v}" for k, v in s.items() if v is not None)
 
 def run_demo(args) -> int:
     "The whole pipeline, small: data, tokenizer, prior, samples, report."
     from dalle_course.demo import run_demo as demo
     rep = demo(args.out, preset=args.preset, device=args.device, seed=args.seed, overwrite=args.overwrite)
-    m = rep['metrics']
+    m, f = rep['metrics'], rep['metrics']['following']
+    score = ('; samples read by the ruler: ' + ', '.join(f"{k} {100 * f[k]:.0f}%" for k in ('value', 'size', 'colour', 'position', 'exact'))
+             if f else '')
     print(f"demo ({args.preset}) finished in {m['seconds_total']:.0f} s: tokenizer PSNR {m['tokenizer']['psnr']:.2f} dB, "
-          f"prior teacher-forced CE {m['prior']['teacher_forced_ce']:.4f} nats/token; report in {rep['report']}")
+          f"prior teacher-forced CE {m['prior']['teacher_forced_ce']:.4f} nats/token{score}; report in {rep['report']}")
     return 0
 
 def run_bench_tokenizers(args) -> int:
@@ -227,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument('--overwrite', action='store_true', help='replace a non-empty output folder')
     md.set_defaults(func=run_data_mdmnist)
 
-    tr = sub.add_parser('train', help='train a stage (tokenizer, prior)', description='Train one stage of the pipeline '
+    tr = sub.add_parser('train', help='train a stage (tokenizer, prior, classifier)', description='Train one stage of the pipeline '
                         'through the shared training loop; every run folder can be resumed with --resume.')
     tsub = tr.add_subparsers(dest='stage', metavar='STAGE', parser_class=_Parser); tsub.required = True
     for stage, row in TRAIN_COMMANDS.items():  # one parser per row of the table
@@ -254,23 +283,27 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument('--prompts', type=Path, help='a text file with one description per line')
     sm.add_argument('--prior', type=Path, required=True, help='a `train prior` run folder')
     sm.add_argument('--n', type=_positive_int, default=16, help='images per prompt')
-    sm.add_argument('--out', type=Path, required=True, help='image file for the grid, e.g. grid.png')
+    sm.add_argument('--out', type=Path, required=True,
+                    help='grid.png for a captioned grid, or samples.npz for the raw images (uint8, N x H x W x 3) and their prompts')
     sm.add_argument('--overwrite', action='store_true', help='replace --out if it exists')
-    sm.add_argument('--temperature', type=float, default=1.0, help='softmax temperature (> 0)')
-    sm.add_argument('--top-k', type=_positive_int, default=None, help='sample among the k most likely tokens only')
-    sm.add_argument('--top-p', type=float, default=None, help='nucleus sampling: smallest set of tokens with this mass')
-    sm.add_argument('--guidance', type=float, default=1.0,
-                    help='classifier-free guidance scale (1 = plain conditional sampling, 3 = stronger prompt adherence)')
+    sm.add_argument('--temperature', type=float, default=None, help="softmax temperature (> 0; default: the run's)")
+    sm.add_argument('--top-k', type=_positive_int, default=None, help="sample among the k most likely tokens only (default: the run's)")
+    sm.add_argument('--top-p', type=float, default=None, help="nucleus sampling: smallest set of tokens with this mass (default: the run's)")
+    sm.add_argument('--guidance', type=float, default=None,
+                    help="classifier-free guidance scale (1 = plain conditional sampling, 3 = stronger prompt adherence; "
+                         "default: the run's)")
     sm.add_argument('--batch-size', type=_positive_int, default=64, help='images sampled at once')
     _device_seed_args(sm)
     sm.set_defaults(func=run_sample)
 
     from dalle_course.demo import DEMO_PRESETS
     dm = sub.add_parser('demo', formatter_class=argparse.RawDescriptionHelpFormatter,
-                        help='the whole pipeline end to end, small (about 3.5 minutes on a 2-core CPU)',
+                        help='the whole pipeline end to end, small (about 9 minutes on a 2-core CPU)',
                         description="Generate MD-MNIST, train an image tokenizer and a prior, sample images for "
-                        "held-out test descriptions and write a report folder (samples.png with captions, "
-                        "completion.png, loss plots, metrics.json with teacher-forced CE, report.md)." +
+                        "test descriptions that are not in the training captions, read them with the attribute ruler, "
+                        "and write a report folder (report.md with the per-attribute table beside the tokenizer's "
+                        "ceiling, samples.png with every digit framed right or wrong, failures.txt, completion.png, "
+                        "loss plots, metrics.json)." +
                         _presets_help(DEMO_PRESETS))
     dm.add_argument('--preset', default='cpu', choices=list(DEMO_PRESETS), help='pipeline size (default: cpu)')
     dm.add_argument('--out', type=Path, default=Path('runs/demo'), help='output folder (default: runs/demo)')
@@ -284,8 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     bt = bsub.add_parser('tokenizers', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                          help='every tokenizer kind plus the thesis ablations (no KL; VQ-VAE without its tricks)',
                          description="Train the stage-1 comparison (DALL-E dVAE, thesis dVAE with and without KL, "
-                         "VQ-VAE plain / with separate codebook LR / EMA with k-means++ and restarts) on the same "
-                         "data and write comparison.md/json, usage.png (usage over training), codes.png and recon.png.")
+                         "VQ-VAE plain / with separate codebook LR / EMA with k-means++ and restarts, VQ-VAE with the "
+                         "rotation trick, FSQ) on the same data, for the same steps, and write comparison.md/json "
+                         "(MSE, PSNR, codebook usage, perplexity, and the attribute ruler's reading of the test "
+                         "reconstructions with their background level), usage.png, codes.png and recon.png.")
     from dalle_course.tokenizer_training import PRESETS
     _training_args(bt, out_help='output folder (new or empty)', presets=PRESETS, resume=False)
     bt.set_defaults(func=run_bench_tokenizers)

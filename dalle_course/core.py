@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'MODEL_FORMAT', 'seed_everything', 'InputError', 'require', 'get_device', 'autocast',
            'world_info', 'is_main_process', 'progress', 'to_uint8_hwc', 'image_grid', 'pack_state', 'unpack_state',
-           'save_checkpoint', 'read_checkpoint_meta', 'load_checkpoint', 'damaged', 'read_json', 'write_text_atomic',
-           'register_model', 'save_model', 'load_model', 'model_fingerprint']
+           'save_checkpoint', 'read_checkpoint_meta', 'load_checkpoint', 'damaged', 'read_json', 'write_bytes_atomic',
+           'write_text_atomic', 'register_model', 'save_model', 'load_model', 'model_fingerprint']
 
 # %% ../nbs/00_core.ipynb #00_core-005
 def seed_everything(seed: int) -> None:
@@ -220,16 +220,20 @@ def read_json(path, what: str = 'file'):
     try: return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e: raise damaged(path, f'not JSON: {e}') from None
 
-def write_text_atomic(path, text: str) -> Path:
-    "Write `text` to `path` through a temporary file in the same folder, so a crash never leaves half a file."
+def write_bytes_atomic(path, data: bytes) -> Path:
+    "Write `data` to `path` through a temporary file in the same folder, so a crash never leaves half a file."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.tmp')
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         if tmp.exists(): tmp.unlink()
     return path
+
+def write_text_atomic(path, text: str) -> Path:
+    "Write `text` (UTF-8) to `path` atomically (see `write_bytes_atomic`)."
+    return write_bytes_atomic(path, text.encode('utf-8'))
 
 # %% ../nbs/00_core.ipynb #00_core-031
 MODEL_FORMAT = 'dalle_course/model/1'

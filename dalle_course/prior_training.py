@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+import dalle_course
 from .core import (InputError, autocast, damaged, get_device, image_grid, model_fingerprint, progress,
                                read_checkpoint_meta, read_json, require as _check, seed_everything)
 from .datasets import all_captions, dataset_fingerprint, image_size, split_train_test, text_tokenizer_kind
@@ -21,15 +22,17 @@ from .sampling import check_sampling_args
 from .text import AttributeTokenizer, BPETokenizer, TextTokenizer, WordTokenizer, load_text_tokenizer
 
 # %% auto #0
-__all__ = ['THESIS_TABLE6_PRIOR', 'ARCHS', 'PRIOR_PRESETS', 'SAME_PRIOR_RUN', 'TEXT_KINDS', 'resolve_prior_recipe',
-           'encode_images', 'fit_text_tokenizer', 'CaptionTokens', 'train_prior', 'load_prior_run', 'encode_prompts',
-           'generate', 'sample_figure']
+__all__ = ['THESIS_TABLE6_PRIOR', 'ARCHS', 'DEFAULT_SAMPLING', 'SHIPPED_DEMO_RUN', 'PRIOR_PRESETS', 'SAME_PRIOR_RUN',
+           'TEXT_KINDS', 'resolve_prior_recipe', 'encode_images', 'fit_text_tokenizer', 'CaptionTokens', 'train_prior',
+           'load_prior_run', 'run_sampling', 'encode_prompts', 'generate', 'sample_figure']
 
 # %% ../nbs/26_prior_training.ipynb #26_prior_training-005
 THESIS_TABLE6_PRIOR = dict(epochs=20, batch_size=12, lr=1e-3, gamma=0.1, milestones=(5, 10), depth=12, enc_depth=6,
                            n_heads=8, dropout=0.1, dim=512)  # G1 and G2; "text encoder blocks" apply to G2 only
 ARCHS = tuple(PRIORS)  # ('joint', 'separate')
 _T6 = THESIS_TABLE6_PRIOR
+DEFAULT_SAMPLING = dict(temperature=1.0, top_k=None, top_p=None, guidance=1.0)  # plain sampling; a recipe records its own
+SHIPPED_DEMO_RUN = Path(dalle_course.__file__).resolve().parent.parent / 'data' / 'demo_64'  # the cpu demo's tokenizer and prior, shipped
 
 PRIOR_PRESETS: dict[str, dict] = {
     'tiny': dict(doc="CPU run: dim 128, 4 blocks (G2: 4 + 2 text-encoder blocks), 600 steps of about 4096 tokens "
@@ -72,7 +75,8 @@ def resolve_prior_recipe(arch: str, preset: str, n_train: int, text_vocab: int, 
     model = dict(text_vocab=text_vocab, image_vocab=image_vocab, text_len=text_len, h=h, w=w, pad_id=0, p_uncond=0.1,
                  **{k: v for k, v in net.items() if k in keys})  # each architecture takes the keys it has
     recipe = Recipe('prior', arch, preset, n_train, model, train, hparams=dict(w_text=1 / 8, w_img=7 / 8),
-                    extra={'text': dict(text or {'kind': 'attributes', 'length': text_len})})
+                    extra={'text': dict(text or {'kind': 'attributes', 'length': text_len}),
+                           'sampling': {**DEFAULT_SAMPLING, **p.get('sampling', {})}})
     return recipe.with_overrides(overrides)
 
 # %% ../nbs/26_prior_training.ipynb #26_prior_training-010
@@ -219,7 +223,8 @@ def train_prior(arch: str, tokenizer, data, preset: str = 'tiny', out=None, test
                 plot_ce_distribution({arch: ce}).savefig(rf.file('ce.png'), dpi=100)
                 caps = test_caps[:n_sample_captions]
                 t0 = time.time()
-                fig, _ = sample_figure(prior, tokenizer, text_tok, caps, n=4, seed=seed, title=f'{arch} prior: samples for test captions')
+                fig, _ = sample_figure(prior, tokenizer, text_tok, caps, n=4, seed=seed, title=f'{arch} prior: samples for test captions',
+                                       **run_sampling(recipe))
                 ev['sample_images_per_s'] = 4 * len(caps) / (time.time() - t0)
                 fig.savefig(rf.file('samples.png'), dpi=100)
                 plt.close('all')
@@ -242,6 +247,14 @@ def load_prior_run(run, device=None) -> tuple:
     _check(want in (None, have), f"{run / FILES['tokenizer']} is not the tokenizer this prior was trained on "
            f"(fingerprint {have}, the prior's is {want}); put the run's own tokenizer back or train the prior again")
     return prior, tok, load_text_tokenizer(run / FILES['text_tokenizer'])
+
+def run_sampling(run, **given) -> dict:
+    """The sampling settings of a prior run (a run folder, or its Recipe), with the non-None values of `given`
+    (command-line options) taking precedence: what `dalle-course sample` uses."""
+    recipe = run if isinstance(run, Recipe) else Recipe.load(Path(run) / FILES['recipe'])
+    out = {**DEFAULT_SAMPLING, **recipe.extra.get('sampling', {})}
+    out.update({k: v for k, v in given.items() if v is not None})
+    return out
 
 def encode_prompts(text_tok: TextTokenizer, prompts: list[str], L: int) -> torch.Tensor:
     "Prompts -> `(P, L)` text tokens, with a one-line error naming the prompt that does not fit."

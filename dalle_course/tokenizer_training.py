@@ -17,13 +17,13 @@ from .image_tokenizer import ImageTokenizer, evaluate_tokenizer
 from .runs import Recipe, RunFolder, RunResult, resolve_train
 from .schedules import Schedule
 from .dvae import DVAE, THESIS_TABLE6_DVAE, THESIS_TABLE7_DVAE, dvae_hparams, dvae_loss, tokenizer_eval_fn
-from .vqvae import THESIS_TABLE5_VQVAE, VQVAE, vqvae_loss, vqvae_param_groups
+from .vqvae import FSQ_LEVELS, THESIS_TABLE5_VQVAE, VQVAE, fsq_vocab_size, vqvae_loss, vqvae_param_groups
 
 # %% auto #0
 __all__ = ['TOKENIZER_KINDS', 'KINDS', 'PRESETS', 'SAME_TOKENIZER_RUN', 'COMPARISON', 'TokenizerKind', 'resolve_recipe',
-           'build_tokenizer', 'tokenizer_loss', 'tokenizer_hparams', 'train_tokenizer', 'plot_usage_curves',
-           'plot_code_histograms', 'plot_reconstructions', 'compare_tokenizers', 'check_comparison', 'comparison_table',
-           'save_comparison']
+           'default_ruler', 'ruler_scores', 'build_tokenizer', 'tokenizer_loss', 'tokenizer_hparams', 'train_tokenizer',
+           'plot_usage_curves', 'plot_code_histograms', 'plot_reconstructions', 'compare_tokenizers',
+           'check_comparison', 'comparison_table', 'save_comparison']
 
 # %% ../nbs/14_tokenizer_training.ipynb #14_tokenizer_training-005
 @dataclass(frozen=True)
@@ -45,6 +45,10 @@ TOKENIZER_KINDS: dict[str, TokenizerKind] = {k.name: k for k in [
                   {'ema': False}, vqvae_loss, 'vqvae'),
     TokenizerKind('vqvae-ema', "VQ-VAE with an EMA codebook, BN, k-means++ init, restarts", VQVAE,
                   {'ema': True}, vqvae_loss, 'vqvae'),
+    TokenizerKind('vqvae-rotation', "vqvae-ema with the rotation trick's gradient (Fifty et al. 2025) instead of "
+                  "straight-through", VQVAE, {'ema': True, 'grad': 'rotation'}, vqvae_loss, 'vqvae'),
+    TokenizerKind('fsq', "finite scalar quantisation (Mentzer et al. 2024): no codebook, no commitment loss; "
+                  "levels from FSQ_LEVELS for the preset's vocabulary size", VQVAE, {'bn': False}, vqvae_loss, 'vqvae'),
 ]}
 KINDS = tuple(TOKENIZER_KINDS)
 _NET_KEYS = ('vocab_size', 'hidden', 'n_down', 'n_res_down', 'n_res_bottleneck')
@@ -91,7 +95,8 @@ def resolve_recipe(kind: str, preset: str, image_size: int, n_train: int, steps:
     train, scale = resolve_train(p, n_train, steps, batch_size, seed, lr=_VQ5['lr'] if vq and 'table' in p else None)
     model = dict(image_size=image_size, **net, **k.fixed)
     hparams, lr_mult = {}, 1.0
-    if vq:
+    if kind == 'fsq': pass                         # no codebook: its levels are set below, after the overrides
+    elif vq:
         model.update(beta=_VQ5['beta'], decay=p.get('vq_decay', _VQ5['ema_decay']))
         lr_mult = 1.0 if k.fixed['ema'] else _VQ5['codebook_lr_mult']  # an EMA codebook has no gradient
     else:
@@ -99,9 +104,36 @@ def resolve_recipe(kind: str, preset: str, image_size: int, n_train: int, steps:
         ramps = {n: max(1, round(t[n] * scale)) for n in ('tau_steps', 'kl_steps') if t[n]} if t else {}
         hparams = {n: v.to_dict() for n, v in dvae_hparams(k.fixed['style'], train['steps'], table=t, **ramps).items()}
     recipe = Recipe('tokenizer', kind, preset, n_train, model, train, hparams, extra={'codebook_lr_mult': lr_mult})
-    return recipe.with_overrides(overrides)  # e.g. {'model': {'kmeans_init': False}, 'hparams': {...}}
+    recipe = recipe.with_overrides(overrides)  # e.g. {'model': {'kmeans_init': False}, 'hparams': {...}}
+    if kind == 'fsq': _fsq_levels(recipe.model, (overrides or {}).get('model', {}))
+    return recipe
+
+def _fsq_levels(model: dict, given: dict):
+    "FSQ: the levels given, or FSQ_LEVELS for the (possibly overridden) vocabulary size; the vocabulary then follows them."
+    if given.get('levels') is None:
+        K = model['vocab_size']
+        _check(K in FSQ_LEVELS, f"FSQ has level lists for vocabularies of {', '.join(map(str, FSQ_LEVELS))} codes, "
+               f"not {K}; pick one of those or override model.levels")
+        model['levels'] = list(FSQ_LEVELS[K])
+    model['vocab_size'] = fsq_vocab_size(model['levels'])
 
 # %% ../nbs/14_tokenizer_training.ipynb #14_tokenizer_training-010
+def default_ruler(data):
+    "The shipped attribute ruler for `data` if its items carry MD-MNIST attributes and one is shipped for its size, else None."
+    from dalle_course.ruler import SHIPPED_RULERS, load_ruler
+    try: item = data[0]
+    except (IndexError, TypeError): return None
+    S = int(item['image'].shape[-1])
+    if 'attributes' not in item or S not in SHIPPED_RULERS or not SHIPPED_RULERS[S].is_file(): return None
+    return load_ruler(image_size=S)
+
+def ruler_scores(tokenizer: ImageTokenizer, data, ruler, max_images: int = 500) -> dict:
+    "The ruler's per-attribute accuracy, binding, exact match and background level of the tokenizer's reconstructions of `data`."
+    from dalle_course.evaluation import score_reconstructions
+    r = score_reconstructions(tokenizer, ruler.to(next(tokenizer.parameters()).device), data, max_images=max_images)
+    keep = ('value', 'size', 'colour', 'position', 'binding', 'exact', 'background', 'n_images')
+    return {**{k: r[k] for k in keep}, 'real': r['real']}
+
 def build_tokenizer(recipe: Recipe) -> ImageTokenizer:
     "A fresh tokenizer model for `recipe`."
     return TOKENIZER_KINDS[recipe.kind].cls(**recipe.model)
@@ -120,13 +152,15 @@ SAME_TOKENIZER_RUN = [(('kind',), '--kind'), (('preset',), '--preset'), (('model
 def train_tokenizer(kind: str, data, preset: str = 'tiny', out=None, test=None, resume: bool = False,
                     steps: int | None = None, batch_size: int | None = None, eval_every: int | None = None,
                     eval_images: int = 256, device: str | None = None, seed: int = 0, overrides: dict | None = None,
-                    plots: bool = True, callbacks=(), overwrite: bool = False) -> RunResult:
+                    plots: bool = True, callbacks=(), overwrite: bool = False, ruler='auto') -> RunResult:
     """Train a `kind` tokenizer on `data` (a dataset folder or a Dataset of {'image'} dicts) with `preset`.
+    `ruler` (default: the shipped attribute ruler for MD-MNIST data; None for none) scores the test reconstructions.
     With `out`, writes the run folder described above (`resume` continues it, `overwrite` replaces it).
     Returns a `RunResult` (model = the tokenizer; extra: 'tokenizer', 'test', 'counts', 'test_data')."""
     get_device(device)  # a bad --device fails here, before anything is read or written
     train, test = split_train_test(data, test, eval_images)
     recipe = resolve_recipe(kind, preset, dataset_image_size(train), len(train), steps, batch_size, seed, overrides)
+    ruler = default_ruler(test) if isinstance(ruler, str) and ruler == 'auto' else ruler
     rf = None
     if out is not None:  # every check before the first byte is written
         rf = RunFolder(out, 'train tokenizer', resume=resume, overwrite=overwrite,
@@ -144,6 +178,7 @@ def train_tokenizer(kind: str, data, preset: str = 'tiny', out=None, test=None, 
         model.eval()
         res = evaluate_tokenizer(model, test, max_images=None, device=learner.device)
         counts = res.pop('counts')
+        if ruler is not None: res['ruler'] = ruler_scores(model, test, ruler)
         summary = learner.summary
         result = RunResult(model, recipe, summary, res, learner.records, None if rf is None else rf.path,
                            extra={'tokenizer': model, 'test': res, 'counts': counts, 'test_data': test})
@@ -210,6 +245,8 @@ COMPARISON = {
     'VQ-VAE plain': ('vqvae', {'codebook_lr_mult': 1.0, 'model': {'bn': False, 'kmeans_init': False, 'restart_dead': False}}),
     'VQ-VAE sep. LR': ('vqvae', {}),
     'VQ-VAE EMA + tricks': ('vqvae-ema', {}),
+    'VQ-VAE + rotation': ('vqvae-rotation', {}),
+    'FSQ': ('fsq', {}),
 }
 
 def _slug(name: str) -> str: return ''.join(c if c.isalnum() else '-' for c in name.lower()).strip('-')
@@ -241,13 +278,16 @@ def check_comparison(train, test, preset: str = 'tiny', steps: int | None = None
         resolve_recipe(kind, preset, dataset_image_size(tr), len(tr), steps, batch_size, seed, ov)
 
 def comparison_table(runs: dict) -> str:
-    "A markdown table of the test metrics (and training speed) of `compare_tokenizers` results."
-    rows = ['| tokenizer | kind | steps | MSE | PSNR (dB) | codes used | perplexity | train images/s |',
-            '|---|---|---|---|---|---|---|---|']
+    "A markdown table of the test metrics (and training speed) of `compare_tokenizers` results, with the ruler's reading of the reconstructions."
+    rows = ['| tokenizer | kind | steps | MSE | PSNR (dB) | codes used | perplexity | ruler: value / size / colour / position | '
+            'background | train images/s |', '|---|---|---|---|---|---|---|---|---|---|']
     for name, r in runs.items():
         t, s = r['test'], r['summary']
+        q = t.get('ruler')
+        ruler = ' / '.join(f"{100 * q[f]:.1f}" for f in ('value', 'size', 'colour', 'position')) + ' %' if q else 'n/a'
+        bg = f"{q['background']:.4f}" if q else 'n/a'
         rows.append(f"| {name} | {r['recipe']['kind']} | {s['step']} | {t['mse']:.4f} | {t['psnr']:.2f} | "
-                    f"{t['usage']:.1%} | {t['perplexity']:.1f} | {s['samples_per_s']:.0f} |")
+                    f"{t['usage']:.1%} | {t['perplexity']:.1f} | {ruler} | {bg} | {s['samples_per_s']:.0f} |")
     return '\n'.join(rows)
 
 def save_comparison(runs: dict, test, rf: RunFolder) -> Path:

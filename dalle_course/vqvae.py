@@ -17,9 +17,10 @@ from .dvae import Encoder, Decoder
 from .image_tokenizer import ImageTokenizer
 
 # %% auto #0
-__all__ = ['THESIS_TABLE5_VQVAE', 'exact_fp32', 'code_distances', 'nearest_codes', 'batch_code_stats', 'ema_codebook_update',
-           'kmeans_plus_plus', 'kmeans', 'VQOutput', 'VectorQuantizer', 'VQVAEOutput', 'VQVAE', 'vqvae_loss',
-           'vqvae_hparams', 'vqvae_param_groups']
+__all__ = ['GRADIENTS', 'THESIS_TABLE5_VQVAE', 'FSQ_LEVELS', 'exact_fp32', 'code_distances', 'nearest_codes', 'batch_code_stats',
+           'ema_codebook_update', 'kmeans_plus_plus', 'kmeans', 'VQOutput', 'VectorQuantizer', 'VQVAEOutput', 'VQVAE',
+           'ink_weighted_mse', 'vqvae_loss', 'vqvae_hparams', 'vqvae_param_groups', 'rotation_trick', 'fsq_vocab_size',
+           'FSQ']
 
 # %% ../nbs/13_vqvae.ipynb #13_vqvae-007
 @contextmanager
@@ -99,6 +100,8 @@ class VQOutput(NamedTuple):
     perplexity: torch.Tensor       # exp(entropy) of this batch's code frequencies (0-dim)
     restarted: torch.Tensor        # number of dead codes restarted by this call (0-dim)
 
+GRADIENTS = ('ste', 'rotation')  # how the gradient crosses the quantiser: straight-through, or the rotation trick (§10)
+
 def _ddp() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -106,13 +109,15 @@ class VectorQuantizer(nn.Module):
     "Nearest-codeword quantiser with straight-through gradient, optional EMA codebook, k-means++ init and dead-code restarts."
     def __init__(self, vocab_size: int = 512, dim: int = 512, beta: float = 0.25, ema: bool = False,
                  decay: float = 0.99, eps: float = 1e-5, kmeans_init: bool = True, kmeans_iters: int = 10,
-                 restart_dead: bool = True, dead_after: int = 20):
+                 restart_dead: bool = True, dead_after: int = 20, grad: str = 'ste'):
         super().__init__()
+        if grad not in GRADIENTS: raise InputError(f"grad must be one of {', '.join(GRADIENTS)}, got {grad!r}")
         if vocab_size < 2 or dim < 1: raise InputError(f"vocab_size must be >= 2 and dim >= 1, got {vocab_size}, {dim}")
         if not 0 < decay < 1: raise InputError(f"decay must lie in (0, 1) (the thesis uses 0.99), got {decay}")
         if restart_dead and dead_after < 1: raise InputError(f"dead_after must be >= 1 batch, got {dead_after}")
         self.vocab_size, self.dim, self.beta, self.ema, self.decay, self.eps = vocab_size, dim, beta, ema, decay, eps
         self.kmeans_init, self.kmeans_iters, self.restart_dead, self.dead_after = kmeans_init, kmeans_iters, restart_dead, dead_after
+        self.grad = grad
         if ema:   # EMA: the codebook is a running mean, set from the buffers N and m, never by gradients
             self.register_buffer('codebook', torch.randn(vocab_size, dim))                # (K, D)
             self.register_buffer('cluster_size', torch.ones(vocab_size))                  # N (K,)
@@ -125,7 +130,8 @@ class VectorQuantizer(nn.Module):
 
     def extra_repr(self):
         return (f"K={self.vocab_size}, D={self.dim}, beta={self.beta}, ema={self.ema}" + (f", decay={self.decay}" if self.ema else '')
-                + f", kmeans_init={self.kmeans_init}, restart_dead={self.restart_dead}" + (f", dead_after={self.dead_after}" if self.restart_dead else ''))
+                + f", kmeans_init={self.kmeans_init}, restart_dead={self.restart_dead}" + (f", dead_after={self.dead_after}" if self.restart_dead else '')
+                + f", grad={self.grad}")
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -169,6 +175,11 @@ class VectorQuantizer(nn.Module):
         "Codewords of a (B, h, w) index grid as a (B, D, h, w) map."
         return F.embedding(indices, self.codebook).permute(0, 3, 1, 2)
 
+    def tokens(self, z: torch.Tensor) -> torch.Tensor:
+        "Indices (B, h, w) of the nearest codewords of a feature map (B, D, h, w); no state changes."
+        B, D, h, w = z.shape
+        return nearest_codes(z.permute(0, 2, 3, 1).reshape(-1, D), self.codebook)[0].view(B, h, w)
+
     def forward(self, z: torch.Tensor) -> VQOutput:
         B, D, h, w = z.shape
         if D != self.dim: raise InputError(f"the quantiser has codes of dimension {self.dim} but got {D} channels; make the encoder output dim={self.dim}")
@@ -182,7 +193,7 @@ class VectorQuantizer(nn.Module):
         e = self.codebook[idx].float()                                          # (N, D), a copy: later in-place updates are safe
         commitment = F.mse_loss(zf, e.detach())                                 # L3: ||z − sg[e]||²
         codebook_loss = zf.new_zeros(()) if self.ema else F.mse_loss(e, zf.detach())  # L2: ||sg[z] − e||²
-        q = zf + (e - zf).detach()                                              # (N, D) straight-through
+        q = rotation_trick(zf, e) if self.grad == 'rotation' else zf + (e - zf).detach()  # (N, D): value e, gradient to z
         with torch.no_grad():
             counts = torch.bincount(idx, minlength=self.vocab_size).float()     # (K,) this process's batch
             if self.training:
@@ -208,25 +219,32 @@ class VQVAEOutput(NamedTuple):
     vq: VQOutput          # the quantiser's output (indices, losses, usage)
 
 class VQVAE(ImageTokenizer):
-    "VQ-VAE image tokenizer: encoder → BatchNorm → VectorQuantizer → decoder → sigmoid. Kinds 'vqvae' and 'vqvae-ema'."
+    "VQ-VAE image tokenizer: encoder → BatchNorm → quantiser → decoder → sigmoid. Kinds 'vqvae', 'vqvae-ema', 'vqvae-rotation', 'fsq'."
     def __init__(self, image_size: int = 128, vocab_size: int = 512, dim: int | None = None, style: str = 'thesis',
                  hidden: int = 512, n_down: int = 2, n_res_down: int = 6, n_res_bottleneck: int = 4,
                  ema: bool = False, beta: float = 0.25, decay: float = 0.99, eps: float = 1e-5, bn: bool = True,
                  kmeans_init: bool = True, kmeans_iters: int = 10, restart_dead: bool = True, dead_after: int = 20,
-                 style_kwargs: dict | None = None):
+                 style_kwargs: dict | None = None, grad: str = 'ste', levels: tuple | None = None):
+        if levels is not None:  # FSQ (§10): the levels fix the vocabulary and the code dimension
+            levels = tuple(int(l) for l in levels)
+            vocab_size, dim = fsq_vocab_size(levels), len(levels)
         dim = vocab_size if dim is None else dim
         super().__init__(image_size=image_size, vocab_size=vocab_size, dim=dim, style=style, hidden=hidden,
                          n_down=n_down, n_res_down=n_res_down, n_res_bottleneck=n_res_bottleneck, ema=ema, beta=beta,
                          decay=decay, eps=eps, bn=bn, kmeans_init=kmeans_init, kmeans_iters=kmeans_iters,
-                         restart_dead=restart_dead, dead_after=dead_after, style_kwargs=dict(style_kwargs or {}))
+                         restart_dead=restart_dead, dead_after=dead_after, style_kwargs=dict(style_kwargs or {}),
+                         grad=grad, levels=None if levels is None else list(levels))
         if image_size % 2 ** n_down: raise InputError(f"image_size {image_size} is not divisible by 2**n_down = {2 ** n_down}; change one of them")
-        self.kind = 'vqvae-ema' if ema else 'vqvae'
+        self.kind = ('fsq' if levels is not None else 'vqvae-rotation' if grad == 'rotation'
+                     else 'vqvae-ema' if ema else 'vqvae')
         self.image_size, self.downsample, self.vocab_size, self.dim = image_size, 2 ** n_down, vocab_size, dim
         kw = dict(hidden=hidden, n_down=n_down, n_res_down=n_res_down, n_res_bottleneck=n_res_bottleneck)
         self.encoder = Encoder(style, in_ch=3, out_ch=dim, **kw)
         self.norm = nn.BatchNorm2d(dim) if bn else nn.Identity()
-        self.quantizer = VectorQuantizer(vocab_size, dim, beta=beta, ema=ema, decay=decay, eps=eps, kmeans_init=kmeans_init,
-                                         kmeans_iters=kmeans_iters, restart_dead=restart_dead, dead_after=dead_after)
+        if levels is not None: self.quantizer = FSQ(levels)
+        else: self.quantizer = VectorQuantizer(vocab_size, dim, beta=beta, ema=ema, decay=decay, eps=eps,
+                                               kmeans_init=kmeans_init, kmeans_iters=kmeans_iters,
+                                               restart_dead=restart_dead, dead_after=dead_after, grad=grad)
         self.decoder = Decoder(style, in_ch=dim, out_ch=3, **kw, **(style_kwargs or {}))  # e.g. n_init for 'dalle'
 
     def encode_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -252,9 +270,7 @@ class VQVAE(ImageTokenizer):
         "Images (B, 3, H, W) in [0, 1] → tokens (B, h, w)."
         self.check_images(images)
         with self._eval_mode():
-            z = self.encode_features(images)                                       # (B, D, h, w)
-            B, D, h, w = z.shape
-            return nearest_codes(z.permute(0, 2, 3, 1).reshape(-1, D), self.quantizer.codebook)[0].view(B, h, w)
+            return self.quantizer.tokens(self.encode_features(images))            # (B, h, w)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -264,14 +280,22 @@ class VQVAE(ImageTokenizer):
             return self.decode_features(self.quantizer.lookup(tokens.long()))
 
 # %% ../nbs/13_vqvae.ipynb #13_vqvae-047
+def ink_weighted_mse(recon: torch.Tensor, x: torch.Tensor, ink_weight: float = 0.0) -> torch.Tensor:
+    "MSE with the pixels that have ink (any channel > 0) weighted 1 + `ink_weight`, normalised by the mean weight; plain MSE at 0."
+    err = (recon.float() - x.float()) ** 2                              # (B, 3, H, W)
+    if not ink_weight: return err.mean()
+    w = 1 + ink_weight * (x.amax(1, keepdim=True) > 0).float()         # (B, 1, H, W)
+    return (err * w).mean() / w.mean()
+
 def vqvae_loss(model: VQVAE, batch: dict, hp: dict) -> tuple[torch.Tensor, dict]:
-    "Learner loss: MSE reconstruction + codebook loss + β·commitment; logs mse, codebook, commitment, usage, perplexity, restarted."
+    "Learner loss: (ink-weighted) MSE reconstruction + codebook loss + β·commitment; logs mse, codebook, commitment, usage, perplexity, restarted."
     x = batch['image']                                                  # (B, 3, H, W) in [0, 1]
     out = model(x)
     mse = F.mse_loss(out.recon.float(), x.float())
     vq = out.vq
-    beta = hp.get('beta', model.quantizer.beta)
-    loss = mse + vq.codebook_loss + beta * vq.commitment_loss
+    beta = hp.get('beta', getattr(model.quantizer, 'beta', 0.0))                 # FSQ: no commitment term
+    rec = ink_weighted_mse(out.recon, x, hp.get('ink_weight', 0.0)) if hp.get('ink_weight') else mse
+    loss = rec + vq.codebook_loss + beta * vq.commitment_loss
     return loss, {'mse': mse.detach(), 'codebook': vq.codebook_loss.detach(), 'commitment': vq.commitment_loss.detach(),
                   'usage': vq.usage, 'perplexity': vq.perplexity, 'restarted': vq.restarted.float()}
 
@@ -283,15 +307,15 @@ def vqvae_hparams(steps: int, beta: float | None = None, beta_warmup: int = 0) -
 
 def vqvae_param_groups(model: VQVAE, codebook_lr_mult: float = 10.0) -> list[dict]:
     "Learner param_groups: everything at the base LR, the codebook (if it is a parameter) at `codebook_lr_mult` × LR, no weight decay."
-    q = getattr(model, 'quantizer', None)
-    if not isinstance(q, VectorQuantizer): raise InputError("vqvae_param_groups needs a VQVAE (a model with a VectorQuantizer `quantizer`)")
+    if not isinstance(model, VQVAE): raise InputError("vqvae_param_groups needs a VQVAE (its quantizer a VectorQuantizer or FSQ)")
+    q = model.quantizer
     cb = [p for p in q.parameters() if p.requires_grad]                 # [codebook], or [] with EMA
     ids = {id(p) for p in cb}
     groups = [{'params': [p for p in model.parameters() if p.requires_grad and id(p) not in ids], 'lr_mult': 1.0}]
     if cb: groups.append({'params': cb, 'lr_mult': float(codebook_lr_mult), 'weight_decay': 0.0})
     return groups
 
-# %% ../nbs/13_vqvae.ipynb #13_vqvae-049
+# %% ../nbs/13_vqvae.ipynb #13_vqvae-051
 # Thesis Table 5, its two VQ-VAE columns ('VQ-VAE' -> 'plain', 'VQ-VAE sep. vocab.' -> 'sep-vocab-lr'): the recipe for
 # CUB-200 at 128 px. Both columns list EMA decay 0.99; their codebook LR acts only on a gradient-trained codebook
 # (see the caveat above). lr_milestone_epochs: LR x lr_gamma at these epochs.
@@ -302,3 +326,82 @@ THESIS_TABLE5_VQVAE = {
     'plain': {**_TABLE5_COMMON, 'ema': True, 'codebook_lr': 1e-3, 'codebook_lr_mult': 1.0},
     'sep-vocab-lr': {**_TABLE5_COMMON, 'ema': True, 'codebook_lr': 1e-2, 'codebook_lr_mult': 10.0},
 }
+
+# %% ../nbs/13_vqvae.ipynb #13_vqvae-066
+def rotation_trick(z: torch.Tensor, e: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    "Quantised vectors (N, D) with the value of `e` (N, D) and the gradient λRᵀg for `z` (N, D): R rotates z onto e, λ = |e|/|z|."
+    zn = z.detach().norm(dim=-1, keepdim=True).clamp_min(eps)                       # (N, 1) ||z||
+    en = e.detach().norm(dim=-1, keepdim=True).clamp_min(eps)                       # (N, 1) ||e||
+    u, v = z.detach() / zn, e.detach() / en                                        # (N, D) unit directions
+    w = F.normalize(u + v, dim=-1, eps=eps)                                        # (N, D); 0 when u = -v (R = a reflection)
+    rz = z - 2 * (z * w).sum(-1, keepdim=True) * w + 2 * (z * u).sum(-1, keepdim=True) * v  # (N, D) R z
+    q = (en / zn) * rz                                                             # (N, D) λ R z = e up to rounding
+    return q + (e.detach() - q).detach()                                           # value exactly e, gradient λ Rᵀ g
+
+# %% ../nbs/13_vqvae.ipynb #13_vqvae-072
+FSQ_LEVELS = {2 ** 6: (4, 4, 4), 2 ** 8: (8, 6, 5), 2 ** 9: (8, 8, 8), 2 ** 10: (8, 5, 5, 5), 2 ** 11: (8, 8, 6, 5),
+              2 ** 12: (7, 5, 5, 5, 5), 2 ** 14: (8, 8, 8, 6, 5), 2 ** 16: (8, 8, 8, 5, 5, 5)}  # FSQ paper, Table 1 (+ 2⁶)
+
+def fsq_vocab_size(levels) -> int:
+    "Number of codes of an FSQ grid with these `levels`: their product."
+    levels = tuple(levels)
+    if not levels or any(int(l) < 2 for l in levels): raise InputError(f"FSQ levels must be integers >= 2, got {list(levels)}")
+    n = 1
+    for l in levels: n *= int(l)
+    return n
+
+class FSQ(nn.Module):
+    "Finite scalar quantisation: each of d = len(levels) channels bounded by tanh and rounded to L_i levels; no codebook."
+    def __init__(self, levels=(8, 5, 5, 5), eps: float = 1e-3):
+        super().__init__()
+        self.levels, self.eps = tuple(int(l) for l in levels), eps
+        self.vocab_size, self.dim = fsq_vocab_size(self.levels), len(self.levels)
+        L = torch.tensor(self.levels, dtype=torch.float32)
+        basis = torch.cumprod(torch.tensor((1,) + self.levels[:-1]), 0)                 # (d,) mixed-radix place values
+        self.register_buffer('L', L, persistent=False)
+        self.register_buffer('basis', basis, persistent=False)
+
+    def extra_repr(self): return f"levels={list(self.levels)}, K={self.vocab_size}"
+
+    def bound(self, z: torch.Tensor) -> torch.Tensor:
+        "f(z) for channels-last z (..., d): values in (−L/2, L/2), rounding to the L integer levels."
+        half = (self.L - 1) * (1 - self.eps) / 2                                        # (d,)
+        off = torch.where(self.L % 2 == 0, 0.5, 0.0)                                    # (d,)
+        return torch.tanh(z + torch.atanh(off / half)) * half - off
+
+    def codes(self, indices: torch.Tensor) -> torch.Tensor:
+        "Grid points (..., d) in [−1, 1] of token indices (...)."
+        digits = (indices[..., None] // self.basis) % self.L.long()                     # (..., d) in 0..L−1
+        return (digits - self.L.long() // 2).float() / (self.L.long() // 2)
+
+    def indices_of(self, points: torch.Tensor) -> torch.Tensor:
+        "Token indices (...) of grid points (..., d) in [−1, 1]: the mixed-radix number of their levels."
+        half = self.L.long() // 2
+        return ((points * half).round().long() + half).mul(self.basis).sum(-1)
+
+    def _quantize(self, z: torch.Tensor):
+        flat = z.permute(0, 2, 3, 1).float()                                            # (B, h, w, d)
+        b = self.bound(flat)
+        r = b.round()                                                                   # integers in −⌊L/2⌋..⌊(L−1)/2⌋
+        return b, r, self.indices_of(r / (self.L // 2))                                 # (B, h, w) indices
+
+    def tokens(self, z: torch.Tensor) -> torch.Tensor:
+        "Indices (B, h, w) of a feature map (B, d, h, w)."
+        return self._quantize(z)[2]
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        "Grid points of a (B, h, w) index grid as a (B, d, h, w) map."
+        return self.codes(indices).permute(0, 3, 1, 2)
+
+    def forward(self, z: torch.Tensor) -> VQOutput:
+        B, d, h, w = z.shape
+        if d != self.dim: raise InputError(f"FSQ with {self.dim} levels needs {self.dim} channels, got {d}")
+        b, r, idx = self._quantize(z)
+        q = (b + (r - b).detach()) / (self.L // 2)                                      # straight-through rounding
+        with torch.no_grad():
+            counts = torch.bincount(idx.flatten(), minlength=self.vocab_size).float()   # (K,)
+            p = counts / counts.sum()
+            usage, ppl = (counts > 0).float().mean(), torch.special.entr(p).sum().exp()
+        zero = z.new_zeros((), dtype=torch.float32)
+        return VQOutput(q.to(z.dtype).permute(0, 3, 1, 2), idx, zero, zero, zero, counts, usage, ppl,
+                        torch.zeros((), dtype=torch.long, device=z.device))

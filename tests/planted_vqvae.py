@@ -120,3 +120,75 @@ PLANTED = {
                                              st_no_sg_in_losses, st_sum_over_d]),
     'check_ema_codebook_step': (ema_right, [ema_no_smoothing, ema_decay_swapped, ema_mean_not_sum, ema_in_place]),
 }
+
+
+# ---- check_rotation_trick: rotate_to(z (N, D), e (N, D)) -> value e, gradient lambda R^T g
+def _rot_parts(z, e):
+    zn, en = z.norm(dim=-1, keepdim=True), e.norm(dim=-1, keepdim=True)
+    u, v = (z / zn).detach(), (e / en).detach()
+    return zn, en, u, v, F.normalize(u + v, dim=-1)
+
+
+def rot_right(z, e):
+    zn, en, u, v, w = _rot_parts(z, e)
+    rz = z - 2 * (z * w).sum(-1, keepdim=True) * w + 2 * (z * u).sum(-1, keepdim=True) * v
+    return (en / zn).detach() * rz
+
+
+def rot_straight_through(z, e):  # the usual STE: right value, identity gradient
+    return z + (e - z).detach()
+
+
+def rot_no_scale(z, e):  # forgets lambda: the value is |z| v, not e
+    zn, en, u, v, w = _rot_parts(z, e)
+    return z - 2 * (z * w).sum(-1, keepdim=True) * w + 2 * (z * u).sum(-1, keepdim=True) * v
+
+
+def rot_grad_through_rotation(z, e):  # R and lambda not detached: gradient also flows through u, v, w and to e
+    zn, en = z.norm(dim=-1, keepdim=True), e.norm(dim=-1, keepdim=True)
+    u, v = z / zn, e / en
+    w = F.normalize(u + v, dim=-1)
+    rz = z - 2 * (z * w).sum(-1, keepdim=True) * w + 2 * (z * u).sum(-1, keepdim=True) * v
+    return (en / zn) * rz
+
+
+def rot_transpose(z, e):  # applies R^T (v and u swapped in the second term): the value is wrong
+    zn, en, u, v, w = _rot_parts(z, e)
+    rz = z - 2 * (z * w).sum(-1, keepdim=True) * w + 2 * (z * v).sum(-1, keepdim=True) * u
+    return (en / zn).detach() * rz
+
+
+# ---- check_fsq_round: fsq_round(z (N, d), levels) -> bounded, rounded, / floor(L/2), straight-through
+def _fsq_bound(z, levels, eps=1e-3, shift=True):
+    L = torch.tensor(levels, dtype=z.dtype)
+    half = (L - 1) * (1 - eps) / 2
+    off = torch.where(L % 2 == 0, 0.5, 0.0)
+    return torch.tanh(z + (torch.atanh(off / half) if shift else 0)) * half - off, L
+
+
+def fsq_right(z, levels):
+    b, L = _fsq_bound(z, levels)
+    return (b + (b.round() - b).detach()) / (L // 2)
+
+
+def fsq_no_ste(z, levels):  # plain rounding: no gradient reaches z
+    b, L = _fsq_bound(z, levels)
+    return b.round() / (L // 2)
+
+
+def fsq_no_offset(z, levels):  # tanh * (L-1)/2 rounded: an even L gets L+1 levels (the paper's offset is missing)
+    L = torch.tensor(levels, dtype=z.dtype)
+    b = torch.tanh(z) * (L - 1) * (1 - 1e-3) / 2
+    return (b + (b.round() - b).detach()) / (L // 2)
+
+
+def fsq_no_normalise(z, levels):  # integers, not divided by floor(L/2)
+    b, L = _fsq_bound(z, levels)
+    return b + (b.round() - b).detach()
+
+
+PLANTED_QUANTISERS = {
+    'check_rotation_trick': (rot_right, [rot_straight_through, rot_no_scale, rot_grad_through_rotation, rot_transpose]),
+    'check_fsq_round': (fsq_right, [fsq_no_ste, fsq_no_offset, fsq_no_normalise]),
+}
+PLANTED.update(PLANTED_QUANTISERS)

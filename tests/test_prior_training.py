@@ -1,6 +1,8 @@
 "Stage 2 as a user runs it: presets, `train_prior`, `dalle-course train prior`, `sample` and `demo`."
 import json, math
 
+import numpy as np
+
 import pytest
 import torch
 from helpers import StopAt, cli, one_line_error, write_splits
@@ -158,6 +160,40 @@ def test_cli_sample_prompt_and_prompts_file(prior_run, tmp_path):
     p = cli('sample', '--prior', prior_run, '--prompts', f, '--n', 2, '--top-p', 0.9, '--out', tmp_path / 'g2.png')
     assert p.returncode == 0, p.stderr
     assert '4 images for 2 prompts' in p.stdout
+
+
+def test_cli_sample_npz_holds_the_raw_images_and_prompts(prior_run, tmp_path):
+    from dalle_course.prior_training import load_prior_run, generate
+    f = tmp_path / 'prompts.txt'
+    f.write_text('7 30 r up 2 20 w down 9 40 g middle\n1 20 b down 3 30 g up 5 40 w middle\n')
+    p = cli('sample', '--prior', prior_run, '--prompts', f, '--n', 3, '--top-k', 5, '--seed', 4, '--out', tmp_path / 's.npz')
+    assert p.returncode == 0, p.stderr
+    d = np.load(tmp_path / 's.npz')
+    assert d['images'].shape == (6, 64, 64, 3) and d['images'].dtype == np.uint8
+    assert list(d['prompts']) == ['7 30 r up 2 20 w down 9 40 g middle'] * 3 + ['1 20 b down 3 30 g up 5 40 w middle'] * 3
+    assert json.loads(str(d['sampling']))['top_k'] == 5
+    prior, itok, ttok = load_prior_run(prior_run, device='cpu')  # the same images as the library draws
+    ref = generate(prior, itok, ttok, [l for l in f.read_text().splitlines()], n=3, seed=4, top_k=5)
+    assert np.array_equal(d['images'], (ref.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy())
+    one_line_error(cli('sample', '--prior', prior_run, '--prompts', f, '--out', tmp_path / 's.npz'), '--overwrite')
+
+
+def test_sampling_settings_are_recorded_and_used(data, tmp_path):
+    from dalle_course.prior_training import run_sampling, DEFAULT_SAMPLING
+    from dalle_course.runs import Recipe
+    out = tmp_path / 'g1'
+    train_prior('joint', data / 'patch.safetensors', data / 'train', out=out, test=data / 'test', steps=2, batch_size=4,
+                overrides={**SMALL, 'sampling': {'top_k': 7, 'guidance': 2.5}}, plots=False)
+    rec = Recipe.load(out / 'recipe.json')
+    assert rec.extra['sampling'] == {**DEFAULT_SAMPLING, 'top_k': 7, 'guidance': 2.5}
+    assert run_sampling(out) == {**DEFAULT_SAMPLING, 'top_k': 7, 'guidance': 2.5}
+    assert run_sampling(out, guidance=1.0, top_k=None)['guidance'] == 1.0 and run_sampling(out, top_k=None)['top_k'] == 7
+    # the command without sampling options uses the run's settings: same images as top_k 7, guidance 2.5
+    prompt = '7 30 r up 2 20 w down 9 40 g middle'
+    for name, extra in [('a', ()), ('b', ('--top-k', 7, '--guidance', 2.5)), ('c', ('--guidance', 1))]:
+        assert cli('sample', '--prior', out, '--prompt', prompt, '--n', 2, '--out', tmp_path / f'{name}.npz', *extra).returncode == 0
+    a, b, c = (np.load(tmp_path / f'{n}.npz')['images'] for n in 'abc')
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
 @pytest.mark.parametrize('prompt,words', [

@@ -2,6 +2,8 @@
 restarts, the tokenizer (save/load for both kinds, eval purity), and training through the Learner."""
 import math
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -401,3 +403,104 @@ def test_ddp_ranks_keep_one_codebook(tmp_path):
     single = mod.run()
     for k in single['ema']: assert_close(s0['ema'][k], single['ema'][k], rtol=1e-5, atol=1e-6)
     assert s0['ema+tricks']['initialized'] == 1 and s0['grad+tricks']['initialized'] == 1
+
+
+# ---- beyond the thesis: the rotation trick and FSQ (lesson 13, section 10)
+def _plane_rotation(u, v):
+    "Rotation (D, D) float64 in the plane of unit vectors u, v taking u to v (built with Gram-Schmidt, not Householder)."
+    c = float(u @ v); vp = v - c * u; vp = vp / vp.norm(); s = (1 - c * c) ** 0.5
+    return (torch.eye(len(u), dtype=torch.float64) + s * (torch.outer(vp, u) - torch.outer(u, vp))
+            + (c - 1) * (torch.outer(u, u) + torch.outer(vp, vp)))
+
+
+def test_rotation_trick_value_and_gradient_against_an_explicit_rotation():
+    from dalle_course.vqvae import rotation_trick
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(20, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    e = (torch.randn(20, 6, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    gout = torch.randn(20, 6, generator=g, dtype=torch.float64)
+    q = rotation_trick(z, e)
+    assert torch.equal(q.detach(), e.detach())
+    gz, ge = torch.autograd.grad(q, (z, e), gout, allow_unused=True)
+    assert ge is None or bool((ge == 0).all())
+    for n in range(20):
+        zd, ed = z[n].detach(), e[n].detach()
+        R = _plane_rotation(zd / zd.norm(), ed / ed.norm())
+        torch.testing.assert_close(gz[n], ed.norm() / zd.norm() * R.T @ gout[n])
+    # opposite vectors (u = -v): a reflection, still mapping z onto e
+    zz = torch.tensor([[1.0, 0.0]], requires_grad=True); ee = torch.tensor([[-2.0, 0.0]])
+    assert torch.equal(rotation_trick(zz, ee).detach(), ee)
+
+
+def test_quantizer_gradient_option():
+    torch.manual_seed(0)
+    z = torch.randn(2, 4, 3, 3, requires_grad=True); gr = torch.randn(2, 4, 3, 3)
+    outs = {}
+    for grad in ('ste', 'rotation'):
+        vq = VectorQuantizer(vocab_size=8, dim=4, kmeans_init=False, restart_dead=False, grad=grad)
+        torch.manual_seed(1); vq.codebook.data.normal_()
+        o = vq(z); outs[grad] = (o.quantized.detach(), torch.autograd.grad(o.quantized, z, gr)[0])
+    assert_close(outs['ste'][0], outs['rotation'][0])                           # same codewords chosen and returned
+    assert torch.equal(outs['ste'][1], gr) and not torch.allclose(outs['rotation'][1], gr)
+    with pytest.raises(InputError, match='grad'): VectorQuantizer(8, 4, grad='gumbel')
+
+
+def test_fsq_grid_is_a_bijection_and_rounding_is_the_nearest_point():
+    from dalle_course.vqvae import FSQ, FSQ_LEVELS, fsq_vocab_size
+    for levels in [(8, 5, 5, 5), (4, 4, 4), (7, 5, 5, 5, 5), (3,)]:
+        q = FSQ(levels)
+        assert q.vocab_size == fsq_vocab_size(levels) == int(np.prod(levels))
+        pts = q.codes(torch.arange(q.vocab_size))                          # (K, d) in [-1, 1]
+        assert len(torch.unique(pts, dim=0)) == q.vocab_size and float(pts.abs().max()) <= 1
+        assert torch.equal(q.indices_of(pts), torch.arange(q.vocab_size))
+        z = torch.randn(3, len(levels), 4, 4) * 3
+        o = q(z)
+        b = q.bound(z.permute(0, 2, 3, 1)) / (q.L // 2)
+        brute = torch.cdist(b.reshape(-1, len(levels)).double(), pts.double()).argmin(1)
+        assert torch.equal(o.indices.flatten(), brute)
+        torch.testing.assert_close(o.quantized, q.lookup(o.indices))
+        assert o.loss == 0 and o.commitment_loss == 0
+    assert all(fsq_vocab_size(v) <= k * 1.2 for k, v in FSQ_LEVELS.items())
+    assert FSQ_LEVELS[1024] == (8, 5, 5, 5)                                  # the FSQ paper's Table 1
+    with pytest.raises(InputError, match='levels'): FSQ((1, 5))
+
+
+def test_fsq_gradient_is_straight_through_the_rounding():
+    from dalle_course.vqvae import FSQ
+    q = FSQ((8, 5, 3))
+    z = (torch.randn(2, 3, 4, 4) * 2).requires_grad_()
+    g = torch.randn(2, 3, 4, 4)
+    got = torch.autograd.grad(q(z).quantized, z, g)[0]
+    zz = z.detach().clone().requires_grad_()
+    ref = torch.autograd.grad((q.bound(zz.permute(0, 2, 3, 1)) / (q.L // 2)).permute(0, 3, 1, 2), zz, g)[0]
+    torch.testing.assert_close(got, ref)
+    assert bool((got != 0).any())
+
+
+@pytest.mark.parametrize('kind', ['fsq', 'vqvae-rotation'])
+def test_new_kinds_train_save_and_load(kind, tmp_path):
+    from dalle_course.tokenizer_training import train_tokenizer, resolve_recipe
+    from dalle_course.image_tokenizer import load_tokenizer
+    from dalle_course.mdmnist import write_mdmnist
+    write_mdmnist(tmp_path / 'd', n=48, seed=0, size=64, split='train', show_progress=False)
+    r = resolve_recipe(kind, 'tiny', 64, 48)
+    if kind == 'fsq':
+        assert r.model['levels'] == [4, 4, 4] and r.model['vocab_size'] == 64 and r.model['bn'] is False
+        big = resolve_recipe(kind, 'tiny', 64, 48, overrides={'model': {'vocab_size': 1024}})
+        assert big.model['levels'] == [8, 5, 5, 5] and big.model['vocab_size'] == 1000    # the override picks the levels
+        own = resolve_recipe(kind, 'tiny', 64, 48, overrides={'model': {'levels': [5, 3]}})
+        assert own.model['vocab_size'] == 15
+        with pytest.raises(InputError, match='level lists'): resolve_recipe(kind, 'tiny', 64, 48, overrides={'model': {'vocab_size': 100}})
+    else: assert r.model['grad'] == 'rotation' and r.model['ema'] is True
+    res = train_tokenizer(kind, tmp_path / 'd', 'tiny', out=tmp_path / 'run', steps=30, plots=False, ruler=None)
+    m = res['tokenizer']
+    from dalle_course.tokenizer_training import build_tokenizer
+    from dalle_course.image_tokenizer import evaluate_tokenizer
+    torch.manual_seed(0)
+    fresh = evaluate_tokenizer(build_tokenizer(res['recipe']).eval(), res['test_data'])['mse']
+    assert m.kind == kind and res['test']['mse'] < 0.7 * fresh                  # trained: well below an untrained one
+    m2 = load_tokenizer(tmp_path / 'run')
+    x = torch.rand(2, 3, 64, 64)
+    assert m2.kind == kind and torch.equal(m2.encode(x), m.encode(x))
+    losses = [x['loss'] for x in res['records'] if x['split'] == 'train']
+    assert losses[-1] < losses[0]
