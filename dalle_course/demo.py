@@ -27,8 +27,9 @@ DEMO_PRESETS: dict[str, dict] = {
     'cpu': dict(doc="64 px, 6000 train / 500 test images, FSQ 16x16 tokens of 64, G1 prior dim 128 x 4 blocks "
                     "(about 9 min on 2 cores)",
                 size=64, n_train=6000, n_test=500,
-                tokenizer=dict(kind='fsq', preset='tiny', steps=2000, batch_size=16,
-                               overrides={'model': {'vocab_size': 64}, 'hparams': _INK}),
+                tokenizer=dict(kind='fsq', preset='tiny', steps=2500, batch_size=16,
+                               overrides={'model': {'vocab_size': 64}, 'hparams': _INK,
+                                          'train': {'lr_schedule': 'warmup_cosine', 'warmup': 100}}),
                 prior=dict(arch='joint', preset='tiny', steps=1500, batch_size=16,
                            overrides={'model': {'dim': 128, 'depth': 4, 'n_heads': 4},
                                       'sampling': {'guidance': 3.0, 'temperature': 0.3, 'top_k': 16}}),
