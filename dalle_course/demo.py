@@ -30,7 +30,7 @@ DEMO_PRESETS: dict[str, dict] = {
                 tokenizer=dict(kind='fsq', preset='tiny', steps=2500, batch_size=16,
                                overrides={'model': {'vocab_size': 64}, 'hparams': _INK,
                                           'train': {'lr_schedule': 'warmup_cosine', 'warmup': 100}}),
-                prior=dict(arch='joint', preset='tiny', steps=1500, batch_size=16,
+                prior=dict(arch='joint', preset='tiny', steps=1800, batch_size=16,
                            overrides={'model': {'dim': 128, 'depth': 4, 'n_heads': 4},
                                       'sampling': {'guidance': 3.0, 'temperature': 0.3, 'top_k': 16}}),
                 n_prompts=48, n_samples=2, n_grid=32),
