@@ -134,7 +134,8 @@ def bench_run_replaced(c, before, after):
     out = c['out']
     assert (out / 'canary.txt').read_text() == 'mine' and (out / 'runs' / 'notes.txt').read_text() == 'notes'
     res = json.loads((out / 'comparison.json').read_text())
-    assert len(res) == 6 and all(r['summary']['step'] == 3 for r in res.values())
+    from dalle_course.tokenizer_training import COMPARISON
+    assert len(res) == len(COMPARISON) == 8 and all(r['summary']['step'] == 3 for r in res.values())
     assert _content_differs(out / 'comparison.json', before[str(out / 'comparison.json')][1])
 
 

@@ -171,10 +171,11 @@ def test_bench_tokenizers_cli(data, tmp_path):
     p = cli('bench', 'tokenizers', '--data', data / 'train', '--test', data / 'test', '--steps', 3, '--out', out)
     assert p.returncode == 0, p.stderr
     table = (out / 'comparison.md').read_text().splitlines()
-    assert len(table) == 2 + 6 and 'VQ-VAE plain' in table[5]
+    assert len(table) == 2 + 8 and 'VQ-VAE plain' in table[5] and 'ruler: value' in table[0]
     res = json.loads((out / 'comparison.json').read_text())
     assert set(res) == {'dVAE DALL-E', 'dVAE thesis', 'dVAE thesis, no KL', 'VQ-VAE plain', 'VQ-VAE sep. LR',
-                        'VQ-VAE EMA + tricks'}
+                        'VQ-VAE EMA + tricks', 'VQ-VAE + rotation', 'FSQ'}
+    assert all(0 <= r['test']['ruler']['value'] <= 1 and r['test']['ruler']['background'] >= 0 for r in res.values())
     assert all(r['summary']['step'] == 3 and 0 < r['test']['usage'] <= 1 for r in res.values())
     # each variant's run folder restores its tokenizer, and the plain VQ-VAE really has its tricks off
     plain = load_tokenizer(out / 'runs' / 'vq-vae-plain')
