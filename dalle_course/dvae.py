@@ -292,7 +292,8 @@ THESIS_TABLE5 = {  # thesis Table 5: the dVAE columns (CUB; Adam; LR ×γ at the
 THESIS_TABLE6_DVAE = dict(  # thesis Table 6: the MD-MNIST dVAE behind G1 and G2 (constant KL weight)
     _THESIS, source='thesis Table 6, dVAE parameters', dataset='MD-MNIST', image_size=128, epochs=30, batch_size=32,
     lr=0.01, milestones=(5, 10), tau_start=5.0, tau_end=0.01, tau_steps=3000, kl_start=0.01, kl_end=0.01, kl_steps=0,
-    n_res_down=4, n_res_bottleneck=4, hidden=256)
+    n_res_down=4, n_res_bottleneck=4, hidden=256,
+    vocab_size=256)  # Table 6 lists no codebook size (512 is Table 5's, for CUB); the thesis's MD-MNIST code uses 256
 THESIS_TABLE7_DVAE = {  # thesis Table 7: the CUB dVAEs behind the CUB generators
     'cub64': dict(_THESIS, source='thesis Table 7, column "CUB 64", dVAE parameters', dataset='CUB', image_size=64,
                   epochs=500, batch_size=64, lr=1e-3, milestones=(20, 120), tau_start=8.0, tau_end=0.01,

@@ -22,13 +22,16 @@ from .sampling import check_sampling_args
 from .text import AttributeTokenizer, BPETokenizer, TextTokenizer, WordTokenizer, load_text_tokenizer
 
 # %% auto #0
-__all__ = ['THESIS_TABLE6_PRIOR', 'ARCHS', 'DEFAULT_SAMPLING', 'SHIPPED_DEMO_RUN', 'PRIOR_PRESETS', 'SAME_PRIOR_RUN',
-           'TEXT_KINDS', 'resolve_prior_recipe', 'encode_images', 'fit_text_tokenizer', 'CaptionTokens', 'train_prior',
-           'load_prior_run', 'run_sampling', 'encode_prompts', 'generate', 'sample_figure']
+__all__ = ['THESIS_TABLE6_PRIOR', 'THESIS_MDMNIST_WIDTH', 'OURS_LOSS', 'OURS_P_UNCOND', 'ARCHS', 'DEFAULT_SAMPLING',
+           'SHIPPED_DEMO_RUN', 'PRIOR_PRESETS', 'SAME_PRIOR_RUN', 'TEXT_KINDS', 'resolve_prior_recipe', 'encode_images',
+           'fit_text_tokenizer', 'CaptionTokens', 'train_prior', 'load_prior_run', 'run_sampling', 'encode_prompts',
+           'generate', 'sample_figure']
 
 # %% ../nbs/26_prior_training.ipynb #26_prior_training-005
 THESIS_TABLE6_PRIOR = dict(epochs=20, batch_size=12, lr=1e-3, gamma=0.1, milestones=(5, 10), depth=12, enc_depth=6,
-                           n_heads=8, dropout=0.1, dim=512)  # G1 and G2; "text encoder blocks" apply to G2 only
+                           n_heads=8, dropout=0.1, mlp_hidden=512)  # G1 and G2; "text encoder blocks" apply to G2 only
+THESIS_MDMNIST_WIDTH = 256  # not in Table 6: the model width of the thesis's released MD-MNIST code (its image vocabulary)
+OURS_LOSS, OURS_P_UNCOND = dict(w_text=1 / 8, w_img=7 / 8), 0.1  # DALL-E's loss weights and our CFG caption dropout
 ARCHS = tuple(PRIORS)  # ('joint', 'separate')
 _T6 = THESIS_TABLE6_PRIOR
 DEFAULT_SAMPLING = dict(temperature=1.0, top_k=None, top_p=None, guidance=1.0)  # plain sampling; a recipe records its own
@@ -39,13 +42,17 @@ PRIOR_PRESETS: dict[str, dict] = {
                      "(15 sequences at 64 px, 3 at 128 px): a few minutes on 2 cores at either size",
                  model=dict(dim=128, depth=4, enc_depth=2, n_heads=4, dropout=0.0, mask_pattern='dalle', kernel=5),
                  steps=600, batch_tokens=4096, lr=2e-3, lr_schedule='warmup_cosine', warmup=40),
-    'thesis-mdmnist': dict(doc="thesis Table 6: dim 512, 12 blocks (G2: + 6 text-encoder blocks), 8 heads, dropout 0.1, "
-                               "20 epochs of 12, LR 1e-3 x0.1 at epochs 5 and 10; G1 with the causal mask",
-                           model=dict(dim=_T6['dim'], depth=_T6['depth'], enc_depth=_T6['enc_depth'],
-                                      n_heads=_T6['n_heads'], dropout=_T6['dropout'], mask_pattern='causal', kernel=11),
+    'thesis-mdmnist': dict(doc="thesis Table 6: width 256 with an MLP of 512, 12 blocks (G2: + 6 text-encoder blocks), "
+                               "8 heads, dropout 0.1, 20 epochs of 12, LR 1e-3 x0.1 at epochs 5 and 10; image-token CE "
+                               "only, no caption dropout; G1 with the causal mask",
+                           model=dict(dim=THESIS_MDMNIST_WIDTH, mlp_ratio=_T6['mlp_hidden'] // THESIS_MDMNIST_WIDTH,
+                                      depth=_T6['depth'], enc_depth=_T6['enc_depth'], n_heads=_T6['n_heads'],
+                                      dropout=_T6['dropout'], mask_pattern='causal', kernel=11),
                            epochs=_T6['epochs'], batch_size=_T6['batch_size'], lr=_T6['lr'], lr_schedule='multistep',
-                           milestone_epochs=_T6['milestones'], gamma=_T6['gamma']),
-    'gpu-mdmnist': dict(doc="one GPU: Table 6 network sizes with DALL-E's masks, batch 64, warmup + cosine LR",
+                           milestone_epochs=_T6['milestones'], gamma=_T6['gamma'],
+                           loss=dict(w_text=0.0, w_img=1.0), p_uncond=0.0),
+    'gpu-mdmnist': dict(doc="one GPU, ours: width 512, 12 blocks (G2: + 6), 8 heads, dropout 0.1, DALL-E's masks and "
+                            "1/8-7/8 loss, 10% caption dropout, batch 64, warmup + cosine LR",
                         model=dict(dim=512, depth=12, enc_depth=6, n_heads=8, dropout=0.1, mask_pattern='dalle',
                                    kernel=11),
                         steps=15000, batch_size=64, lr=5e-4, lr_schedule='warmup_cosine', warmup=500),
@@ -72,9 +79,10 @@ def resolve_prior_recipe(arch: str, preset: str, n_train: int, text_vocab: int, 
     overrides = dict(overrides or {})
     net = {**p['model'], **overrides.pop('model', {})}  # network overrides first: they may name either arch's keys
     keys = _arch_keys(cls)
-    model = dict(text_vocab=text_vocab, image_vocab=image_vocab, text_len=text_len, h=h, w=w, pad_id=0, p_uncond=0.1,
+    model = dict(text_vocab=text_vocab, image_vocab=image_vocab, text_len=text_len, h=h, w=w, pad_id=0,
+                 p_uncond=p.get('p_uncond', OURS_P_UNCOND),
                  **{k: v for k, v in net.items() if k in keys})  # each architecture takes the keys it has
-    recipe = Recipe('prior', arch, preset, n_train, model, train, hparams=dict(w_text=1 / 8, w_img=7 / 8),
+    recipe = Recipe('prior', arch, preset, n_train, model, train, hparams=dict(p.get('loss', OURS_LOSS)),
                     extra={'text': dict(text or {'kind': 'attributes', 'length': text_len}),
                            'sampling': {**DEFAULT_SAMPLING, **p.get('sampling', {})}})
     return recipe.with_overrides(overrides)

@@ -69,8 +69,8 @@ PRESETS: dict[str, dict] = {
                                      "same networks with the Table 5 VQ-VAE optimiser"),
     'thesis-cub64': _thesis_preset(THESIS_TABLE7_DVAE['cub64'], "thesis Table 7, CUB 64 px dVAE; VQ-VAE kinds: "
                                    "same networks with the Table 5 VQ-VAE optimiser"),
-    'thesis-cub128': _thesis_preset(THESIS_TABLE7_DVAE['cub128'], "thesis Table 7, CUB 128 px dVAE (as Table 5 "
-                                    "'growing KL'); VQ-VAE kinds: same networks with the Table 5 VQ-VAE optimiser"),
+    'thesis-cub128': _thesis_preset(THESIS_TABLE7_DVAE['cub128'], "thesis Table 7, CUB 128 px dVAE; VQ-VAE kinds: "
+                                    "same networks with the Table 5 VQ-VAE optimiser"),
     'gpu-mdmnist': dict(doc="one-GPU run on MD-MNIST 128 px with DALL-E's schedules, sized for the DALL-E dVAE",
                         kinds=KINDS, image_size=128,
                         net=dict(vocab_size=512, hidden=256, n_down=2, n_res_down=2, n_res_bottleneck=2),

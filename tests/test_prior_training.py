@@ -40,16 +40,28 @@ def data(tmp_path_factory):
 # ---- presets (numbers typed from the thesis's Table 6, not from the module)
 @pytest.mark.parametrize('arch', ['joint', 'separate'])
 def test_thesis_preset_is_table6(arch):
-    r = resolve_prior_recipe(arch, 'thesis-mdmnist', 10_000, 21, 12, 512, 32, 32)
+    r = resolve_prior_recipe(arch, 'thesis-mdmnist', 10_000, 21, 12, 256, 32, 32)
     m, t = r['model'], r['train']
-    assert (m['dim'], m['depth'], m['n_heads'], m['dropout']) == (512, 12, 8, 0.1)
+    # Table 6: 12 blocks, 8 heads, dropout 0.1, "Hidden dim. 512" = the MLP's inner width (Table 4); the model width
+    # 256 is not in the table (the thesis's MD-MNIST code), so width x mlp_ratio must be 512, not the width.
+    assert (m['depth'], m['n_heads'], m['dropout']) == (12, 8, 0.1)
+    assert (m['dim'], m['dim'] * m['mlp_ratio']) == (256, 512)
     assert m.get('enc_depth') == (6 if arch == 'separate' else None)
     per_epoch = 10_000 // 12  # one epoch = the sampler's full batches
     assert (t['batch_size'], t['lr'], t['gamma'], t['lr_schedule']) == (12, 1e-3, 0.1, 'multistep')
     assert t['steps'] == 20 * per_epoch and t['milestones'] == [5 * per_epoch, 10 * per_epoch]
-    assert r['hparams'] == {'w_text': 1 / 8, 'w_img': 7 / 8}
+    # Table 6 has no caption dropout and no DALL-E 1/8-7/8 weighting: the image tokens' CE alone
+    assert m['p_uncond'] == 0.0 and r['hparams'] == {'w_text': 0.0, 'w_img': 1.0}
     model = PRIORS[arch](**m)  # the recipe builds
     assert model.text_len == 12 and model.n_img == 1024
+    assert model.config['mlp_ratio'] == 2 and model.p_uncond == 0.0
+
+
+def test_our_presets_keep_what_they_add():
+    "The non-thesis presets add DALL-E's loss weights and CFG caption dropout, and say so."
+    for preset in ('tiny', 'gpu-mdmnist'):
+        r = resolve_prior_recipe('joint', preset, 1000, 21, 12, 64, 8, 8)
+        assert r['model']['p_uncond'] == 0.1 and r['hparams'] == {'w_text': 1 / 8, 'w_img': 7 / 8}
 
 
 def test_steps_override_scales_milestones():
