@@ -15,7 +15,8 @@ __all__ = ['check_colorize', 'check_slot_box', 'check_warmup_cosine_lr', 'check_
            'check_rotation_trick', 'check_fsq_round', 'check_slot_strips', 'check_caption_following', 'check_words',
            'check_pair_counts', 'check_merge_pair', 'check_causal_mask', 'check_row_mask', 'check_pad_lookup',
            'check_attention', 'check_image_positions', 'check_decode_step', 'check_joint_shift', 'check_prior_loss',
-           'check_null_text', 'check_top_k', 'check_top_p', 'check_guide']
+           'check_null_text', 'check_top_k', 'check_top_p', 'check_guide', 'check_ctrs_perturbation',
+           'check_contrastive_loss']
 
 # %% ../nbs/91_checks.ipynb #91_checks-004
 def check_colorize(fn) -> None:
@@ -782,3 +783,59 @@ def check_guide(fn) -> None:
         expect_close(out, ref, f'guide B={B}, K={K}, scale={s}', atol=1e-5, rtol=1e-5)
         n_cases += 1
     passed('guide', n_cases)
+
+# %% ../nbs/91_checks.ipynb #27c4c812
+def check_ctrs_perturbation(fn) -> None:
+    "Check `fn(attrs (3, 4), m, rng) -> (3, 4)`: a copy with exactly m distinct positions changed, each to another value of its type."
+    sizes = (10, 3, 4, 3); n = 0
+    rng0 = np.random.default_rng(0)
+    for trial in range(6):
+        attrs = np.stack([rng0.integers(0, k, 3) for k in sizes], -1).astype(np.int64)  # (3, 4)
+        hits = np.zeros((3, 4))
+        for m in range(13):
+            for rep in range(240 if m == 1 else 3):
+                before = attrs.copy()
+                out = np.asarray(fn(attrs, m, np.random.default_rng(1000 * trial + 300 * m + rep)))
+                case = f"perturb(attrs, m={m}, rng)"
+                expect(np.array_equal(attrs, before), f"{case} must not change its input (return a copy)", before, attrs)
+                expect(out.shape == (3, 4), f"{case} returns attributes of shape (3, 4)", (3, 4), out.shape)
+                expect(all(0 <= out[s, f] < sizes[f] for s in range(3) for f in range(4)),
+                       f"{case}: every value stays a valid index of its attribute type (value 0-9, size 0-2, colour 0-3, position 0-2)", sizes, out)
+                changed = int((out != attrs).sum())
+                expect(changed == m, f"{case}: exactly m distinct positions change, each to a different value (drawing positions "
+                       f"with replacement, or allowing a 'change' to the same value, gives fewer)", m, changed)
+                if m == 1: hits += out != attrs
+        expect(hits.min() > 0, "perturb(attrs, 1, rng) over 240 seeds: every one of the 12 positions gets changed sometimes "
+               "(choose the position uniformly among all 12)", 'all > 0', hits)
+        n += 1
+    # the new value is uniform over the other values: over many draws, every other value of a field appears
+    attrs = np.zeros((3, 4), dtype=np.int64); seen = set()
+    for rep in range(400):
+        out = np.asarray(fn(attrs, 12, np.random.default_rng(rep)))
+        seen |= {int(v) for v in out[:, 0]}
+    expect(seen == set(range(1, 10)), "perturb(zeros, 12, rng): a changed value 0 becomes each of 1..9 sometimes (uniform over the others)",
+           set(range(1, 10)), seen)
+    passed('ctrs_perturbation', n + 1)
+
+def check_contrastive_loss(fn) -> None:
+    "Check `fn(logits (B, B)) -> scalar`: CLIP's symmetric cross-entropy, images along rows and texts along columns."
+    import math
+    g = torch.Generator().manual_seed(0); n = 0
+    for B in (1, 2, 5, 16):
+        for scale in (1.0, 14.3):
+            logits = (torch.randn(B, B, generator=g, dtype=torch.float64) * scale).requires_grad_()
+            ref, ld = 0.0, logits.detach()
+            for i in range(B):   # image i against every text, and text i against every image, one row at a time
+                row = [float(ld[i, j]) for j in range(B)]; col = [float(ld[j, i]) for j in range(B)]
+                lse_r = max(row) + math.log(sum(math.exp(v - max(row)) for v in row))
+                lse_c = max(col) + math.log(sum(math.exp(v - max(col)) for v in col))
+                ref += 0.5 * ((lse_r - row[i]) + (lse_c - col[i])) / B
+            case = f"contrastive_loss(logits of shape {(B, B)})"
+            out = fn(logits)
+            expect(isinstance(out, torch.Tensor) and out.numel() == 1, f"{case} returns a scalar tensor", 'scalar', getattr(out, 'shape', out))
+            expect(abs(float(out.detach()) - ref) < 1e-8 * max(1, abs(ref)), f"{case}: the mean over both directions of the cross-entropy "
+                   f"of the matching pair (image i -> text i along row i, text i -> image i along column i), averaged over the batch", ref, float(out.detach()))
+            out.backward()
+            expect(logits.grad is not None and torch.isfinite(logits.grad).all(), f"{case}: the loss is differentiable in the logits", 'finite gradient', logits.grad)
+            n += 1
+    passed('contrastive_loss', n)

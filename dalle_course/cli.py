@@ -31,7 +31,7 @@ def run_data_mdmnist(args) -> int:
     "Generate an MD-MNIST split into a folder."
     from dalle_course.mdmnist import write_mdmnist
     stats = write_mdmnist(args.out, n=args.n, seed=args.seed, size=args.size, split=args.split,
-                          mnist=args.mnist, overwrite=args.overwrite)
+                          mnist=args.mnist, overwrite=args.overwrite, holdout=args.holdout or ())
     print(f"wrote {stats['n']} {args.size}x{args.size} MD-MNIST {args.split} images to {stats['out']} "
           f"in {stats['seconds']:.2f} s ({stats['images_per_s']:.0f} images/s)")
     return 0
@@ -94,6 +94,27 @@ TRAIN_COMMANDS['classifier'] = dict(
     description="Train the attribute classifier (the course's ruler) on real MD-MNIST images, 64 or 128 px. Writes "
     "to --out: run.json, recipe.json, checkpoint.safetensors (for --resume), metrics.jsonl/png, ruler.safetensors "
     "(what `load_ruler` and the evaluation read) and eval.json (test accuracy per attribute type).")
+
+def _report_clip(args, res) -> str:
+    e, s = res['eval'], res['summary']
+    r, b = e['retrieval'], e.get('binding', {})
+    bind = ', '.join(f"{k} {100 * v:.1f}%" for k, v in b.items() if k != 'n')
+    return (f"CLIP ({args.preset}): {s['step']} steps in {s['seconds']:.1f} s; test retrieval among {r['n']}: text->image "
+            f"R@1 {100 * r['t2i_R@1']:.1f}%, R@5 {100 * r['t2i_R@5']:.1f}%, image->text R@1 {100 * r['i2t_R@1']:.1f}%, "
+            f"R@5 {100 * r['i2t_R@5']:.1f}%" + (f"; binding (true caption above one changed): {bind}" if bind else '')
+            + f" -> {args.out}")
+
+TRAIN_COMMANDS['clip'] = dict(
+    module='dalle_course.clip', fn='train_clip', kind_option='--kind', kinds=lambda m: m['CLIP_KINDS'],
+    presets=lambda m: m['CLIP_PRESETS'], names='CLIP_KINDS CLIP_PRESETS',
+    inputs=(('--tokenizer', 'tokenizer', 'the image tokenizer whose reconstructions the CLIP trains on: a `train '
+             'tokenizer` run folder or its tokenizer.safetensors'),), report=_report_clip,
+    help="a CLIP trained from scratch on the tokenizer's reconstructions, to judge priors (CICS, CTRS, reranking)",
+    description="Train a CLIP (ViT image encoder + transformer text encoder, contrastive loss; hard-negative "
+    "captions with one attribute changed or the digits reordered, in the cpu preset) on the reconstructions of "
+    "--data by --tokenizer, as the thesis does (Table 8). Writes to --out: run.json (with the tokenizer's "
+    "fingerprint), recipe.json, checkpoint.safetensors (for --resume), metrics.jsonl/png, clip.safetensors, "
+    "text_tokenizer.json, eval.json (retrieval R@1/R@5 both ways, binding accuracy per attribute type and order).")
 
 def run_train(args) -> int:
     "Run one row of TRAIN_COMMANDS with the parsed options."
@@ -201,6 +222,12 @@ def _positive_int(s: str) -> int:
     if v <= 0: raise argparse.ArgumentTypeError(f"must be a positive number, got {v}")
     return v
 
+def _sample_counts(s: str) -> tuple:
+    try: ns = tuple(int(x) for x in s.split(','))
+    except ValueError: raise argparse.ArgumentTypeError(f"expected sample counts such as 1,2,4,8, got {s!r}") from None
+    if not ns or min(ns) < 1: raise argparse.ArgumentTypeError(f"sample counts must be at least 1, got {s!r}")
+    return ns
+
 def _size(s: str) -> int:
     if s not in ('64', '128'): raise argparse.ArgumentTypeError(f"size {s!r} is not supported; use 64 or 128")
     return int(s)
@@ -254,9 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument('--mnist', type=Path, default=None,
                     help='folder with the full MNIST IDX files (default: the 5000 digits shipped in data/)')
     md.add_argument('--overwrite', action='store_true', help='replace a non-empty output folder')
+    md.add_argument('--holdout', default=None,
+                    help='value-colour pairs that never appear, e.g. 3r,7g (a compositional training split; '
+                         'generate the test split without it)')
     md.set_defaults(func=run_data_mdmnist)
 
-    tr = sub.add_parser('train', help='train a stage (tokenizer, prior, classifier)', description='Train one stage of the pipeline '
+    tr = sub.add_parser('train', help='train a stage (tokenizer, prior, classifier, clip)', description='Train one stage of the pipeline '
                         'through the shared training loop; every run folder can be resumed with --resume.')
     tsub = tr.add_subparsers(dest='stage', metavar='STAGE', parser_class=_Parser); tsub.required = True
     for stage, row in TRAIN_COMMANDS.items():  # one parser per row of the table
@@ -324,6 +354,31 @@ def build_parser() -> argparse.ArgumentParser:
     from dalle_course.tokenizer_training import PRESETS
     _training_args(bt, out_help='output folder (new or empty)', presets=PRESETS, resume=False)
     bt.set_defaults(func=run_bench_tokenizers)
+
+    ev = sub.add_parser('eval', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        help='judge one prior, or compare two (G1 vs G2): ruler, CLIP score, CTRS, CICS, CE',
+                        description="Draw one image per unseen MD-MNIST test description with each prior (its run's "
+                        "sampling settings) and measure: the attribute ruler's caption-following scores, the CLIP "
+                        "score and CTRS (thesis 4.3.3) with the CLIP, the teacher-forced CE on real test images, and "
+                        "for two priors CICS (thesis 4.3.2) with the sign test, the paired t-test and the thesis's "
+                        "batch t-test, and paired tests of every difference; 95%% bootstrap intervals throughout. "
+                        "Writes eval.json, eval.md (the table), study.png (and rerank.png with --rerank) to --out.")
+    ev.add_argument('--prior', type=Path, required=True, help='a `train prior` run folder (e.g. data/demo_64)')
+    ev.add_argument('--compare', type=Path, default=None, help='a second prior run folder to compare with')
+    ev.add_argument('--clip', type=Path, default=None,
+                    help='a `train clip` run folder trained on the priors\' tokenizer (default: the one shipped with the demo tokenizer)')
+    ev.add_argument('--classifier', type=Path, default=None,
+                    help='a `train classifier` run folder or ruler file (default: the shipped ruler of the image size)')
+    ev.add_argument('--n', type=_positive_int, default=1000, help='unseen test descriptions (one image each per prior)')
+    ev.add_argument('--rerank', type=_sample_counts, default=None,
+                    help='also measure best-of-N reranking by CLIP score on 48 prompts for these N, e.g. 1,2,4,8,16,32')
+    ev.add_argument('--holdout', default=None,
+                    help='the value-colour pairs the priors never saw in training (e.g. 3r,7g): scores digits with '
+                         'seen and unseen combinations apart')
+    ev.add_argument('--out', type=Path, required=True, help='output folder (new or empty)')
+    ev.add_argument('--overwrite', action='store_true', help='replace an earlier eval in --out (only its own files)')
+    _device_seed_args(ev)
+    ev.set_defaults(func=lambda a: __import__('dalle_course.study', fromlist=['run_eval']).run_eval(a))
 
     ex = sub.add_parser('exercises', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                         help='write learner copies of the notebooks (solutions removed)',

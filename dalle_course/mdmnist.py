@@ -18,8 +18,8 @@ from .mnist import MNIST_FILE, load_mnist
 # %% auto #0
 __all__ = ['VALUES', 'SIZES', 'COLOURS', 'POSITIONS', 'CANVAS_SIZES', 'FIELDS', 'FIELD_TOKENS', 'N_SLOTS', 'COLOUR_CHANNELS',
            'SPLIT_IDS', 'FORMAT', 'DATA_FILES', 'caption', 'captions', 'parse_caption', 'colorize', 'digit_px',
-           'slot_box', 'resize_digits', 'draw_attributes', 'generate_mdmnist', 'plot_attribute_histograms',
-           'write_mdmnist', 'MDMNIST']
+           'slot_box', 'resize_digits', 'parse_holdout', 'holdout_tokens', 'draw_attributes', 'generate_mdmnist',
+           'plot_attribute_histograms', 'write_mdmnist', 'MDMNIST']
 
 # %% ../nbs/03_mdmnist.ipynb #03_mdmnist-006
 VALUES = tuple('0123456789')                # digit value tokens
@@ -112,8 +112,32 @@ def _source_digits(split: str, mnist=None):
         return images.astype(np.uint8), labels.astype(np.int64), ids.astype(np.int64), 'digits passed in memory'
     return (*load_mnist(split, mnist), str(Path(mnist).expanduser().resolve()))
 
-def draw_attributes(n: int, seed: int = 0, split: str = 'train', labels=None, ids=None) -> tuple[np.ndarray, np.ndarray]:
-    "Random (attributes (n, 3, 4) int64, source ids (n, 3) int64): each digit's source has the digit's value."
+def parse_holdout(spec) -> tuple:
+    """Held-out value-colour pairs from '3r,7g' (or a list of such tokens) -> ((3, 1), (7, 2)) as (value, colour)
+    indices; '' or None -> ()."""
+    if spec is None or spec == '': return ()
+    toks = [t.strip() for t in (spec.split(',') if isinstance(spec, str) else spec) if str(t).strip()]
+    out = []
+    for t in toks:
+        if len(t) != 2 or t[0] not in VALUES or t[1] not in COLOURS:
+            raise InputError(f"held-out combination {t!r} is not a value followed by a colour; write pairs like "
+                             f"3r,7g (values 0-9, colours {''.join(COLOURS)})")
+        out.append((VALUES.index(t[0]), COLOURS.index(t[1])))
+    pairs = tuple(sorted(set(out)))
+    for v in range(len(VALUES)):
+        if sum(p[0] == v for p in pairs) == len(COLOURS):
+            raise InputError(f"every colour of the value {v} is held out; leave at least one colour of each value")
+    return pairs
+
+def holdout_tokens(pairs) -> list[str]:
+    "((3, 1), (7, 2)) -> ['3r', '7g']."
+    return [VALUES[v] + COLOURS[c] for v, c in pairs]
+
+def draw_attributes(n: int, seed: int = 0, split: str = 'train', labels=None, ids=None,
+                    holdout=()) -> tuple[np.ndarray, np.ndarray]:
+    """Random (attributes (n, 3, 4) int64, source ids (n, 3) int64): each digit's source has the digit's value.
+    `holdout` (value, colour) pairs never appear: such a digit gets another colour, drawn uniformly among the
+    value's allowed ones (after every other draw, so that no holdout gives the very images it always gave)."""
     if labels is None or ids is None: _, labels, ids = load_mnist(split)  # the shipped digits of `split`
     labels, ids = np.asarray(labels, dtype=np.int64), np.asarray(ids, dtype=np.int64)
     rng = np.random.default_rng([seed, SPLIT_IDS[split]])
@@ -127,6 +151,12 @@ def draw_attributes(n: int, seed: int = 0, split: str = 'train', labels=None, id
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])                        # (10,) first row of each value
     values = attributes[..., 0]                                                   # (n, 3)
     pick = starts[values] + rng.integers(0, counts[values])                       # (n, 3) rows in `order`
+    held = parse_holdout(holdout) if isinstance(holdout, str) else tuple(tuple(int(x) for x in p) for p in holdout)
+    for v in sorted({v for v, _ in held}):
+        banned = [c for w, c in held if w == v]
+        allowed = np.array([k for k in range(len(COLOURS)) if k not in banned])
+        hit = (attributes[..., 0] == v) & np.isin(attributes[..., 2], banned)    # (n, 3) digits to recolour
+        attributes[..., 2][hit] = allowed[rng.integers(0, len(allowed), int(hit.sum()))]
     return attributes.astype(np.int64), ids[order[pick]]
 
 # %% ../nbs/03_mdmnist.ipynb #03_mdmnist-034
@@ -172,11 +202,13 @@ def _check_args(n, size, split, seed=0):
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise InputError(f"--seed must be a non-negative integer, got {seed!r}")
 
-def generate_mdmnist(n: int, seed: int = 0, size: int = 128, split: str = 'train', mnist=None) -> dict:
-    "n MD-MNIST images in memory: dict(images (n,S,S,3) uint8, attributes (n,3,4) int64, captions, sources (n,3) int64)."
+def generate_mdmnist(n: int, seed: int = 0, size: int = 128, split: str = 'train', mnist=None, holdout=()) -> dict:
+    """n MD-MNIST images in memory: dict(images (n,S,S,3) uint8, attributes (n,3,4) int64, captions, sources (n,3) int64);
+    `holdout`: value-colour pairs that never appear (see `draw_attributes`)."""
     _check_args(n, size, split, seed)
+    held = parse_holdout(holdout) if isinstance(holdout, str) else holdout
     images, labels, ids, _ = _source_digits(split, mnist)
-    attributes, sources = draw_attributes(int(n), int(seed), split, labels, ids)
+    attributes, sources = draw_attributes(int(n), int(seed), split, labels, ids, held)
     bank = _DigitBank(images, ids, attributes, sources, size)
     return {'images': _render(bank, attributes, size, 0, int(n)), 'attributes': attributes,
             'captions': captions(attributes), 'sources': sources}
@@ -233,18 +265,19 @@ def _remove_stale(out: Path):
             shutil.rmtree(p, ignore_errors=True)
 
 def write_mdmnist(out, n: int, seed: int = 0, size: int = 128, split: str = 'train', mnist=None,
-                  overwrite: bool = False, chunk: int = 2000, show_progress: bool = True) -> dict:
+                  overwrite: bool = False, chunk: int = 2000, show_progress: bool = True, holdout=()) -> dict:
     "Write n MD-MNIST images to the folder `out` (see the table above); returns stats incl. 'images_per_s'."
     out = Path(out).expanduser()
     _check_args(n, size, split, seed)
     if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk <= 0:
         raise InputError(f"chunk must be a positive number of images, got {chunk!r}")
+    held = parse_holdout(holdout) if isinstance(holdout, str) else tuple(tuple(p) for p in holdout)
     _check_out(out, overwrite)
     images, labels, ids, source = _source_digits(split, mnist)  # raises InputError for unreadable MNIST
     _remove_stale(out)  # a killed generation's hidden work folder goes with the next run
     n, seed, size, chunk = int(n), int(seed), int(size), int(chunk)
     t0 = time.perf_counter()
-    attributes, sources = draw_attributes(n, seed, split, labels, ids)
+    attributes, sources = draw_attributes(n, seed, split, labels, ids, held)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f'.{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}'
     old = None
@@ -268,6 +301,7 @@ def write_mdmnist(out, n: int, seed: int = 0, size: int = 128, split: str = 'tra
                 'digit_px': [digit_px(s, size) for s in SIZES], 'colours': list(COLOURS), 'positions': list(POSITIONS),
                 'colour_channels': {k: list(v) for k, v in COLOUR_CHANNELS.items()},
                 'dalle_course_version': getattr(dalle_course, '__version__', 'unknown')}
+        if held: meta['holdout'] = holdout_tokens(held)   # value-colour pairs this split never shows
         (tmp / 'meta.json').write_text(json.dumps(meta, indent=1) + '\n', encoding='utf-8')
         if out.exists():  # an empty folder, or an MD-MNIST folder we may overwrite: swap it out only now
             for f in out.iterdir():  # files we did not write (the user's notes) move into the new folder

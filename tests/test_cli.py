@@ -19,7 +19,9 @@ def dc(*args, cwd=None):
 def test_help_lists_subcommands():
     r = dc('--help')
     assert r.returncode == 0 and 'data' in r.stdout and 'exercises' in r.stdout
-    for sub in (['data', '--help'], ['data', 'mdmnist', '--help'], ['exercises', '--help']):
+    assert 'eval' in r.stdout
+    for sub in (['data', '--help'], ['data', 'mdmnist', '--help'], ['exercises', '--help'], ['eval', '--help'],
+                ['train', 'clip', '--help']):
         r = dc(*sub)
         assert r.returncode == 0 and 'usage' in r.stdout, sub
     assert '--overwrite' in dc('data', 'mdmnist', '--help').stdout

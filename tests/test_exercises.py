@@ -10,7 +10,8 @@ from dalle_course.core import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
 LESSONS_WITH_EXERCISES = {'03_mdmnist.ipynb': 2, '05_schedules.ipynb': 1, '06_learner.ipynb': 1, '10_gumbel.ipynb': 3, '12_dvae.ipynb': 3,
-                          '13_vqvae.ipynb': 3, '20_text.ipynb': 3, '21_masks.ipynb': 3, '22_transformer.ipynb': 3, '23_prior.ipynb': 3, '24_sampling.ipynb': 3}  # lesson: minimum number of exercises
+                          '13_vqvae.ipynb': 3, '20_text.ipynb': 3, '21_masks.ipynb': 3, '22_transformer.ipynb': 3, '23_prior.ipynb': 3, '24_sampling.ipynb': 3,
+                          '07_ruler.ipynb': 1, '25_evaluation.ipynb': 2, '28_clip.ipynb': 1}  # lesson: minimum number of exercises
 
 
 def _code(nb):

@@ -349,3 +349,43 @@ def test_attribute_histograms():
         for slot in range(3):
             assert heights[slot * n:(slot + 1) * n] == np.bincount(a[:, slot, f], minlength=n).tolist()
     plt.close(fig)
+
+
+# ---- the compositional split (issue 10): held-out value-colour pairs
+def test_holdout_pairs_never_appear_and_nothing_else_moves(tmp_path):
+    plain = md.generate_mdmnist(3000, seed=4, size=64)
+    held = md.generate_mdmnist(3000, seed=4, size=64, holdout='3r,7g')
+    a, b = plain['attributes'], held['attributes']
+    for v, c in ((3, 1), (7, 2)): assert not ((b[..., 0] == v) & (b[..., 2] == c)).any()
+    assert ((a[..., 0] == 3) & (a[..., 2] == 1)).any()                          # the plain split does show red 3s
+    assert np.array_equal(a[..., [0, 1, 3]], b[..., [0, 1, 3]]) and np.array_equal(plain['sources'], held['sources'])
+    moved = (a != b).any(-1)                                                       # (n, 3) digits whose colour changed
+    assert np.array_equal(moved, ((a[..., 0] == 3) & (a[..., 2] == 1)) | ((a[..., 0] == 7) & (a[..., 2] == 2)))
+    threes = b[..., 2][b[..., 0] == 3]                                             # the other colours share a red 3's share
+    assert np.bincount(threes, minlength=4)[1] == 0 and np.bincount(threes, minlength=4)[[0, 2, 3]].min() > 0.28 * len(threes)
+    assert np.array_equal(md.generate_mdmnist(50, seed=4, size=64, holdout='')['images'], md.generate_mdmnist(50, seed=4, size=64)['images'])
+    md.write_mdmnist(tmp_path / 'h', 200, seed=4, size=64, holdout='7g,3r', show_progress=False)
+    meta = json.loads((tmp_path / 'h' / 'meta.json').read_text())
+    assert meta['holdout'] == ['3r', '7g']
+    assert np.array_equal(np.load(tmp_path / 'h' / 'attributes.npy'), md.generate_mdmnist(200, seed=4, size=64, holdout='3r,7g')['attributes'])
+    md.write_mdmnist(tmp_path / 'p', 10, seed=4, size=64, show_progress=False)
+    assert 'holdout' not in json.loads((tmp_path / 'p' / 'meta.json').read_text())   # old folders keep their fingerprints
+
+
+@pytest.mark.parametrize('spec,words', [('3x', '3x'), ('33', 'value followed by a colour'), ('3w,3r,3g,3b', 'every colour')])
+def test_bad_holdout_is_one_line(tmp_path, spec, words):
+    from helpers import cli, one_line_error
+    one_line_error(cli('data', 'mdmnist', '--n', 5, '--size', 64, '--holdout', spec, '--out', tmp_path / 'x'), words)
+    assert not (tmp_path / 'x').exists()
+
+
+def test_following_by_combination_scores_the_held_out_digits_apart():
+    from dalle_course.evaluation import following_by_combination
+    g = np.random.default_rng(0)
+    said = np.stack([g.integers(0, k, (400, 3)) for k in (10, 3, 4, 3)], -1)
+    seen = said.copy()
+    unseen = (said[..., 0] == 3) & (said[..., 2] == 1)
+    seen[..., 2][unseen] = 0                                                       # every red 3 drawn white
+    r = following_by_combination(said, seen, ((3, 1),))
+    assert r['unseen']['n_digits'] == unseen.sum() > 0 and r['unseen']['colour'] == 0.0 and r['unseen']['value'] == 1.0
+    assert r['seen']['n_digits'] == 1200 - unseen.sum() and r['seen']['colour'] == r['seen']['binding'] == 1.0
