@@ -166,7 +166,7 @@ def plot_following(images: torch.Tensor, said, seen, prompts: list[str] | None =
     fig.tight_layout()
     return fig
 
-# %% ../nbs/25_evaluation.ipynb #37939af9
+# %% ../nbs/25_evaluation.ipynb #4704ced7
 CTRS_M = tuple(range(N_SLOTS * len(FIELDS) + 1))   # 0 (the true description), 1 .. 12 changed positions
 
 def perturb_attributes(attrs, m: int, rng: np.random.Generator, fields=None) -> np.ndarray:
@@ -190,7 +190,7 @@ def ctrs_captions(attributes, seed: int = 0) -> list[list[str]]:
     rng = np.random.default_rng(seed)
     return [[caption(perturb_attributes(a, m, rng)) for m in CTRS_M] for a in np.asarray(attributes)]
 
-# %% ../nbs/25_evaluation.ipynb #dc25f40d
+# %% ../nbs/25_evaluation.ipynb #8e59c568
 def _pair_scores(scorer, images: torch.Tensor, texts: list[str], idx: torch.Tensor, batch_size: int) -> torch.Tensor:
     "Scores (len(idx),) of the pairs (images[idx[k]], texts[k]), in batches."
     out = [torch.as_tensor(scorer(images[idx[i:i + batch_size]], texts[i:i + batch_size])).float().cpu().reshape(-1)
@@ -217,7 +217,7 @@ def ruler_scorer(ruler):
         return (ruler.read(images) == said).sum((1, 2)).float()
     return score
 
-# %% ../nbs/25_evaluation.ipynb #e5e04de8
+# %% ../nbs/25_evaluation.ipynb #5ecb217f
 def _betacf(a: float, b: float, x: float) -> float:
     "The continued fraction of the incomplete beta function (modified Lentz's method)."
     tiny, qab, qap, qam = 1e-300, a + b, a + 1, a - 1
@@ -281,7 +281,7 @@ def bootstrap_ci(values, stat=None, n_boot: int = 2000, level: float = 0.95, see
     lo, hi = torch.quantile(boots, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64), dim=0)
     return float(lo), float(hi)
 
-# %% ../nbs/25_evaluation.ipynb #7bc34133
+# %% ../nbs/25_evaluation.ipynb #fd0c6f03
 def cics(scores_a, scores_b, batch: int = 100, n_boot: int = 2000, seed: int = 0) -> dict:
     """CICS (thesis §4.3.2) from the scores (n,) of model A's and model B's image for the same n prompts: the wins
     of each (ties apart), A's share of the decisive prompts with a bootstrap interval, the exact sign test, the paired
@@ -312,7 +312,7 @@ def following_ci(said, seen, n_boot: int = 1000, level: float = 0.95, seed: int 
     q = torch.quantile(boots, torch.tensor([(1 - level) / 2, (1 + level) / 2]), dim=0)              # (2, 6)
     return {k: (float(q[0, i]), float(q[1, i])) for i, k in enumerate((*FIELDS, 'binding', 'exact'))}
 
-# %% ../nbs/25_evaluation.ipynb #515f7571
+# %% ../nbs/25_evaluation.ipynb #d4b5c0ea
 def following_by_combination(said, seen, holdout) -> dict:
     """Per-digit accuracy of each attribute type and binding, for the digits whose (value, colour) pair is in
     `holdout` ('unseen') and for the others ('seen'), from said and seen attributes (n, 3, 4)."""
