@@ -784,7 +784,7 @@ def check_guide(fn) -> None:
         n_cases += 1
     passed('guide', n_cases)
 
-# %% ../nbs/91_checks.ipynb #4f02f1ec
+# %% ../nbs/91_checks.ipynb #4d60505f
 def check_ctrs_perturbation(fn) -> None:
     "Check `fn(attrs (3, 4), m, rng) -> (3, 4)`: a copy with exactly m distinct positions changed, each to another value of its type."
     sizes = (10, 3, 4, 3); n = 0

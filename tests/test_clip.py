@@ -366,3 +366,12 @@ def test_shipped_clip_sees_binding_on_unseen_reconstructions():
     assert b['value'] > 0.55, b          # measured 63%: above chance, the CLIP's known weakness (lesson 28), not a pass
     r = retrieval(clip, tt, rec, list(d['captions']))
     assert r['t2i_R@1'] >= 0.9 and r['i2t_R@1'] >= 0.9, r                       # measured 97% among 500
+
+
+def test_sign_test_is_fast_at_the_thesis_scale_and_checks_its_counts():
+    p = sign_test_p(13546, 27300)                                                  # the thesis's Table 9 totals
+    assert abs(p - math.erfc(104 / math.sqrt(27300 / 4) / math.sqrt(2))) < 0.01 and 0.19 < p < 0.23
+    assert sign_test_p(27300, 54600) == 1.0 and sign_test_p(0, 54600) == 0.0
+    with pytest.raises(InputError, match='0 <= k <= n'): sign_test_p(5, 3)
+    assert math.isnan(t_test_p(float('nan'), 5))
+    with pytest.raises(InputError, match='n > 0'): following_ci(torch.zeros(0, 3, 4), torch.zeros(0, 3, 4))
