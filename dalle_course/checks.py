@@ -4,21 +4,24 @@
 
 # %% ../nbs/91_checks.ipynb #91_checks-002
 from __future__ import annotations
+import math
 import numpy as np
 import torch
-from .exercises import CheckFailure, expect, expect_close, passed
+from .exercises import CheckFailure, exercise_check, expect, expect_close, passed, which_mistake
 
 # %% auto #0
 __all__ = ['check_colorize', 'check_slot_box', 'check_warmup_cosine_lr', 'check_ema_update', 'check_gumbel_noise',
            'check_relaxed_sample', 'check_straight_through', 'check_logit_laplace_nll', 'check_kl_to_uniform',
-           'check_batch_usage_kl', 'check_nearest_codes', 'check_vq_straight_through', 'check_ema_codebook_step',
-           'check_rotation_trick', 'check_fsq_round', 'check_slot_strips', 'check_caption_following', 'check_words',
-           'check_pair_counts', 'check_merge_pair', 'check_causal_mask', 'check_row_mask', 'check_pad_lookup',
-           'check_attention', 'check_image_positions', 'check_decode_step', 'check_joint_shift', 'check_prior_loss',
-           'check_null_text', 'check_top_k', 'check_top_p', 'check_guide', 'check_ctrs_perturbation',
-           'check_contrastive_loss']
+           'check_batch_usage_kl', 'check_dalle_elb', 'check_nearest_codes', 'check_vq_straight_through',
+           'check_ema_codebook_step', 'check_rotation_trick', 'check_fsq_round', 'check_slot_strips',
+           'check_caption_following', 'check_vq_forward', 'check_words', 'check_pair_counts', 'check_merge_pair',
+           'check_causal_mask', 'check_row_mask', 'check_pad_lookup', 'check_attention', 'check_image_positions',
+           'check_decode_step', 'check_mha', 'check_joint_shift', 'check_prior_loss', 'check_null_text', 'g1_parts',
+           'check_g1_forward', 'check_top_k', 'check_top_p', 'check_guide', 'check_sample_loop',
+           'check_ctrs_perturbation', 'check_contrastive_loss']
 
 # %% ../nbs/91_checks.ipynb #91_checks-004
+@exercise_check
 def check_colorize(fn) -> None:
     "Check `fn(digit (h, w) uint8, colour) -> (h, w, 3) uint8`: white keeps all channels, r/g/b only channel 0/1/2."
     rng = np.random.default_rng(0)
@@ -45,6 +48,7 @@ def check_colorize(fn) -> None:
             n += 1
     passed('colorize', n)
 
+@exercise_check
 def check_slot_box(fn) -> None:
     "Check `fn(slot, position, size_px, canvas) -> (top, left)` against the box-centre formulas, on 64 and 128 px."
     from fractions import Fraction
@@ -77,6 +81,7 @@ def _ref_warmup_cosine(step, peak, warmup, total, final):
     t = min(1.0, (step - warmup) / (total - warmup)) if total > warmup else 1.0
     return final + (peak - final) * (1 + np.cos(np.pi * t)) / 2
 
+@exercise_check
 def check_warmup_cosine_lr(fn) -> None:
     "Check `fn(step, peak, warmup, total, final) -> float` against the warmup + cosine formula."
     n = 0
@@ -93,6 +98,7 @@ def check_warmup_cosine_lr(fn) -> None:
             n += 1
     passed('warmup_cosine_lr', n)
 
+@exercise_check
 def check_ema_update(fn) -> None:
     "Check `fn(ema_params, params, decay)` updates ema_params in place to decay*ema + (1-decay)*param, params untouched."
     g = torch.Generator().manual_seed(0); n = 0
@@ -117,6 +123,7 @@ def _gumbel_call(fn, *tensors_and_args):
     args = [a.clone() if isinstance(a, torch.Tensor) else a for a in tensors_and_args]
     return fn(*args), args
 
+@exercise_check
 def check_gumbel_noise(fn) -> None:
     "Check `fn(u) -> -log(-log u)` elementwise: values, shape and dtype, `u` untouched, Gumbel(0, 1) mean, variance and CDF."
     import math
@@ -152,6 +159,7 @@ def check_gumbel_noise(fn) -> None:
         n += 1
     passed('gumbel_noise', n)
 
+@exercise_check
 def check_relaxed_sample(fn) -> None:
     "Check `fn(logits, gumbels, tau, dim) -> softmax((logits + gumbels) / tau, dim)` on several shapes, dims, tau and dtypes."
     g = torch.Generator().manual_seed(0)
@@ -179,6 +187,7 @@ def check_relaxed_sample(fn) -> None:
         n += 1
     passed('relaxed_sample', n)
 
+@exercise_check
 def check_straight_through(fn) -> None:
     "Check `fn(soft, dim)`: forward exactly one-hot of soft.argmax(dim), gradient equal to soft's, shape and dtype kept."
     g = torch.Generator().manual_seed(0)
@@ -221,6 +230,7 @@ def _dvae_cases(seed: int, shapes):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(s, generator=g) for s in shapes]
 
+@exercise_check
 def check_logit_laplace_nll(fn) -> None:
     "Check `fn(x, mu, log_b) -> -ln f(x | mu, b)` elementwise for the logit-Laplace density, b = exp(log_b)."
     g = torch.Generator().manual_seed(0); n = 0
@@ -250,6 +260,7 @@ def _ref_kl_positions(l: np.ndarray) -> np.ndarray:
                 out[b, i, j] = sum(pk * np.log(pk * K) for pk in p if pk > 0)
     return out
 
+@exercise_check
 def check_kl_to_uniform(fn) -> None:
     "Check `fn(logits (B, K, h, w)) -> (B, h, w)` KL(softmax(logits) over dim 1 ‖ uniform) in nats."
     n = 0
@@ -267,6 +278,7 @@ def check_kl_to_uniform(fn) -> None:
         n += 1
     passed('kl_to_uniform', n)
 
+@exercise_check
 def check_batch_usage_kl(fn) -> None:
     "Check `fn(logits (B, K, h, w)) -> 0-dim` KL(q̄ ‖ uniform), q̄ = softmax over dim 1 averaged over batch and positions."
     n = 0
@@ -284,7 +296,47 @@ def check_batch_usage_kl(fn) -> None:
         n += 1
     passed('batch_usage_kl', n)
 
+# %% ../nbs/91_checks.ipynb #91_checks-013b
+@exercise_check
+def check_dalle_elb(fn) -> None:
+    "Check `fn(x, logits, out, beta) -> loss`: DALL·E's loss per pixel value, mean NLL of φ(x) + β·(Σ KL)/(B·3HW)."
+    g = torch.Generator().manual_seed(0); n = 0; eps = 0.1
+    for B, K, H, W, f, beta, shift in [(2, 8, 8, 8, 2, 1.0, 0.0), (3, 16, 16, 12, 4, 6.6, 100.0), (1, 5, 4, 4, 1, 0.0, 0.0)]:
+        h, w = H // f, W // f
+        x = torch.rand(B, 3, H, W, generator=g); x[0, 0, 0, :2] = torch.tensor([0., 1.])   # a black and a white pixel
+        logits = torch.randn(B, K, h, w, generator=g) * 3 + shift                         # (B, K, h, w)
+        out = torch.randn(B, 6, H, W, generator=g)                                         # (B, 6, H, W): μ, ln b
+        args = [t.clone() for t in (x, logits, out)]
+        case = f"dalle_elb(x {tuple(x.shape)}, logits {tuple(logits.shape)}, out {tuple(out.shape)}, beta={beta})"
+        got = fn(*args, beta)
+        expect(all(torch.equal(a, b) for a, b in zip(args, (x, logits, out))), f"{case}: leave the inputs unchanged", 'unchanged', 'modified')
+        expect(isinstance(got, torch.Tensor) and got.ndim == 0, f"{case}: returns a 0-dim tensor", '0-dim tensor', got)
+        xm = (1 - 2 * eps) * x.double() + eps                                              # φ(x)
+        mu, log_b = out[:, :3].double(), out[:, 3:].double()
+        lap = torch.distributions.Laplace(mu, log_b.exp())                                # logit x ~ Laplace(μ, b)
+        nll = -(lap.log_prob(torch.logit(xm)) - torch.log(xm * (1 - xm)))                 # (B, 3, H, W), with the Jacobian
+        q = torch.softmax(logits.double(), 1)
+        kl = torch.special.xlogy(q, q).sum(1) + math.log(K)                                # (B, h, w)
+        per_value = B * 3 * H * W
+        ref = nll.sum() / per_value + beta * kl.sum() / per_value
+        wrong_b = math.log(2) + torch.log(log_b.abs()) + torch.log(xm * (1 - xm)) + (torch.logit(xm) - mu).abs() / log_b
+        mistakes = {
+            "b = exp(log_b): the decoder's channels 3–5 are ln b, not b": (wrong_b.sum() + beta * kl.sum()) / per_value,
+            "the KL is summed over h·w positions and the NLL over 3·H·W pixel values: divide both sums by B·3HW "
+            "(the mean KL times hw/(3HW)), not the mean of each": nll.mean() + beta * kl.mean(),
+            "average over the batch and the 3HW pixel values: the loss is per pixel value, not per image": (nll.sum() + beta * kl.sum()) / B,
+            "the KL to the uniform prior is Σ q ln q + ln K, which is never negative": nll.sum() / per_value - beta * kl.sum() / per_value,
+        }
+        hint = ("the result is not finite: map the pixels with φ(x) = (1 − 2ε)x + ε, ε = 0.1, before the likelihood "
+                "(logit 0 is −∞), and use b = exp(log_b)") if not torch.isfinite(got.detach()).all() else which_mistake(
+                got, mistakes, "the NLL per value is ln 2 + ln b + ln φ(x) + ln(1 − φ(x)) + |logit φ(x) − μ| / b with μ = "
+                "out[:, :3], ln b = out[:, 3:]; the KL per position is Σ_k q_k ln(K q_k) with q = softmax over dim 1")
+        expect_close(got.detach(), ref, case, atol=1e-5, rtol=1e-5, hint=hint)
+        n += 1
+    passed('dalle_elb', n)
+
 # %% ../nbs/91_checks.ipynb #91_checks-016
+@exercise_check
 def check_nearest_codes(fn) -> None:
     "Check `fn(z (B, D, h, w), codebook (K, D)) -> (B, h, w) int64` picks the nearest codeword (squared L2) at every position."
     g = torch.Generator().manual_seed(0); n = 0
@@ -313,6 +365,7 @@ def _grads(out, z, e, gout=None):
     gz, ge = torch.autograd.grad(out, (z, e), gout, retain_graph=True, allow_unused=True)
     return (torch.zeros_like(z) if gz is None else gz), (torch.zeros_like(e) if ge is None else ge)
 
+@exercise_check
 def check_vq_straight_through(fn) -> None:
     "Check `fn(z, e) -> (z_q, codebook_loss, commitment_loss)`: values and where each one's gradient goes."
     g = torch.Generator().manual_seed(0); n = 0
@@ -342,6 +395,7 @@ def check_vq_straight_through(fn) -> None:
         n += 1
     passed('vq_straight_through', n)
 
+@exercise_check
 def check_ema_codebook_step(fn) -> None:
     "Check `fn(N, m, z, idx, decay, eps) -> (N_new, m_new, codebook)`: the EMA equations with Laplace smoothing, inputs untouched."
     g = torch.Generator().manual_seed(0); n_cases = 0
@@ -383,6 +437,7 @@ def _plane_rotation(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (torch.eye(len(u), dtype=torch.float64) + s * (torch.outer(vp, u) - torch.outer(u, vp))
             + (c - 1) * (torch.outer(u, u) + torch.outer(vp, vp)))
 
+@exercise_check
 def check_rotation_trick(fn) -> None:
     "Check `fn(z (N, D), e (N, D)) -> q`: value e, gradient λRᵀg for z (R rotates z onto e, λ = |e|/|z|), none for e."
     g = torch.Generator().manual_seed(0); n = 0
@@ -405,6 +460,7 @@ def check_rotation_trick(fn) -> None:
         n += 1
     passed('rotation_trick', n)
 
+@exercise_check
 def check_fsq_round(fn) -> None:
     "Check `fn(z (N, d), levels) -> z_hat`: bounded by f_i, rounded to L_i levels, / floor(L_i/2), straight-through gradient."
     g = torch.Generator().manual_seed(0); n = 0
@@ -434,6 +490,7 @@ def check_fsq_round(fn) -> None:
         n += 1
     passed('fsq_round', n)
 
+@exercise_check
 def check_slot_strips(fn) -> None:
     "Check `fn(images (B, 3, S, S)) -> (B, 3, 3, S, 2h)`: the three digit columns, zero-padded, h = ceil(S/6) + S//32."
     g = torch.Generator().manual_seed(0); n = 0
@@ -456,6 +513,7 @@ def check_slot_strips(fn) -> None:
         n += 1
     passed('slot_strips', n)
 
+@exercise_check
 def check_caption_following(fn) -> None:
     "Check `fn(said, seen) -> dict`: per-attribute accuracy, binding (a digit all right) and exact match (all 12 right)."
     g = torch.Generator().manual_seed(0); n = 0
@@ -480,6 +538,60 @@ def check_caption_following(fn) -> None:
         n += 1
     passed('caption_following', n)
 
+# %% ../nbs/91_checks.ipynb #91_checks-016b
+@exercise_check
+def check_vq_forward(fn) -> None:
+    "Check `fn(z (B, D, h, w), codebook (K, D), beta) -> (z_q, idx, loss)`: the nearest codeword per position, straight-through, VQ loss."
+    g = torch.Generator().manual_seed(0); n = 0
+    for B, D, h, w, K, beta in [(2, 3, 4, 5, 7, 0.25), (1, 8, 3, 3, 16, 1.0), (3, 2, 2, 6, 4, 0.5)]:
+        z0, cb0 = torch.randn(B, D, h, w, generator=g), torch.randn(K, D, generator=g)
+        z, cb = z0.clone().requires_grad_(), cb0.clone().requires_grad_()
+        case = f"vq_forward(z {(B, D, h, w)}, codebook {(K, D)}, beta={beta})"
+        out = fn(z, cb, beta)
+        expect(isinstance(out, (tuple, list)) and len(out) == 3, f"{case} should return (z_q, idx, loss)", 3, out)
+        zq, idx, loss = out
+        expect(torch.equal(z.detach(), z0) and torch.equal(cb.detach(), cb0), f"{case}: leave z and the codebook unchanged", 'unchanged', 'modified')
+        # brute force: every position's D-vector against every codeword
+        ref_idx = torch.empty(B, h, w, dtype=torch.long)
+        for b in range(B):
+            for i in range(h):
+                for j in range(w):
+                    ref_idx[b, i, j] = min(range(K), key=lambda k: float(((z0[b, :, i, j] - cb0[k]) ** 2).sum()))
+        flat_wrong = torch.cdist(z0.reshape(-1, D), cb0).argmin(1)[:B * h * w].view(B, h, w)   # reshape without permute
+        idx_hint = which_mistake(idx, {"move D last before flattening: z.permute(0, 2, 3, 1).reshape(-1, D) (a plain reshape "
+                                       "mixes channels of different positions)": flat_wrong,
+                                       "the nearest codeword has the smallest distance: argmin, not argmax":
+                                       torch.cdist(z0.permute(0, 2, 3, 1).reshape(-1, D), cb0).argmax(1).view(B, h, w)},
+                                 "idx[b, i, j] is the k minimising ||z[b, :, i, j] − codebook[k]||²")
+        expect(isinstance(idx, torch.Tensor) and tuple(idx.shape) == (B, h, w), f"{case}: idx has shape (B, h, w)", (B, h, w),
+               getattr(idx, 'shape', idx), hint=idx_hint)
+        expect(torch.equal(idx.long(), ref_idx), f"{case}: idx is the nearest codeword at every position", ref_idx, idx, hint=idx_hint)
+        e = cb0[ref_idx].permute(0, 3, 1, 2)                                         # (B, D, h, w) chosen codewords
+        expect(isinstance(zq, torch.Tensor) and tuple(zq.shape) == (B, D, h, w), f"{case}: z_q has z's shape (B, D, h, w)", (B, D, h, w),
+               getattr(zq, 'shape', zq), hint="permute the (B·h·w, D) codewords back to (B, D, h, w)")
+        expect_close(zq.detach(), e, f"{case}: z_q holds the chosen codewords", atol=1e-6, rtol=1e-6)
+        G = torch.randn(B, D, h, w, generator=g)
+        gz, gc = torch.autograd.grad(zq, (z, cb), G, allow_unused=True, retain_graph=True)
+        gz = torch.zeros_like(z0) if gz is None else gz; gc = torch.zeros_like(cb0) if gc is None else gc
+        st = "z_q = z + sg(e − z): the value of e, the gradient of z"
+        expect_close(gz, G, f"{case}: the gradient at z_q reaches z unchanged (straight-through)", atol=1e-6, rtol=1e-6, hint=st)
+        expect_close(gc, torch.zeros(K, D), f"{case}: z_q sends no gradient to the codebook", atol=1e-7, rtol=0, hint=st)
+        mse = ((z0 - e) ** 2).mean()
+        expect(isinstance(loss, torch.Tensor) and loss.ndim == 0, f"{case}: loss is a 0-dim tensor", '0-dim tensor', loss)
+        expect_close(loss.detach(), (1 + beta) * mse, f"{case}: loss = mean((sg[z] − e)²) + β·mean((z − sg[e])²), means over all B·D·h·w numbers",
+                     atol=1e-6, rtol=1e-5, hint=which_mistake(loss.detach(), {"means over all B·D·h·w numbers, not sums": (1 + beta) * ((z0 - e) ** 2).sum(),
+                                                                                "β weighs the commitment term only; the codebook term has weight 1": 2 * beta * mse}))
+        gz, gc = torch.autograd.grad(loss, (z, cb), allow_unused=True)
+        gz = torch.zeros_like(z0) if gz is None else gz; gc = torch.zeros_like(cb0) if gc is None else gc
+        N = B * D * h * w
+        ref_gc = torch.zeros(K, D).index_add_(0, ref_idx.flatten(), (2 * (e - z0) / N).permute(0, 2, 3, 1).reshape(-1, D))
+        split = "the codebook term ‖sg[z] − e‖² moves only the codebook, β × the commitment term ‖z − sg[e]‖² moves only z"
+        expect_close(gz, beta * 2 * (z0 - e) / N, f"{case}: gradient of the loss w.r.t. z is β·2(z − e)/N", atol=1e-6, rtol=1e-5, hint=split)
+        expect_close(gc, ref_gc, f"{case}: gradient of the loss w.r.t. the codebook is 2(e − z)/N summed over the positions that chose it",
+                     atol=1e-6, rtol=1e-5, hint=split)
+        n += 1
+    passed('vq_forward', n)
+
 # %% ../nbs/91_checks.ipynb #91_checks-019
 def _ref_words(text: str) -> list:
     "Runs of word characters (letters, digits, underscore), lower-cased: a hand-written \\b\\w+\\b."
@@ -491,6 +603,7 @@ def _ref_words(text: str) -> list:
             cur = ''
     return out + ([cur] if cur else [])
 
+@exercise_check
 def check_words(fn) -> None:
     "Check `fn(text) -> list[str]`: lower-case, then every match of \\b\\w+\\b in order."
     import random
@@ -505,6 +618,7 @@ def check_words(fn) -> None:
         expect(out == ref, f"words({t!r}): lower-cased matches of \\b\\w+\\b, in order", ref, out)
     passed('words', len(cases))
 
+@exercise_check
 def check_pair_counts(fn) -> None:
     "Check `fn({word tuple: freq}) -> {(a, b): count}`: every adjacent pair, weighted by the word's frequency."
     import random
@@ -524,6 +638,7 @@ def check_pair_counts(fn) -> None:
         expect(got == ref, f"pair_counts({wf}): each adjacent pair counted once per occurrence, times the word's frequency", ref, got)
     passed('pair_counts', len(cases))
 
+@exercise_check
 def check_merge_pair(fn) -> None:
     "Check `fn(symbols, pair) -> list`: non-overlapping occurrences of `pair`, left to right, joined; input unchanged."
     import random
@@ -555,6 +670,7 @@ def _bool_mask_case(out, ref, case) -> None:
     wrong = (out.cpu() != ref).nonzero().tolist()
     expect(not wrong, f'{case}: entries [query, key] that differ (first 5: {wrong[:5]})', ref.int(), out.cpu().int())
 
+@exercise_check
 def check_causal_mask(fn) -> None:
     "Check `fn(n) -> (n, n) bool`, True exactly where key j <= query i."
     n_cases = 0
@@ -565,6 +681,7 @@ def check_causal_mask(fn) -> None:
         _bool_mask_case(fn(n), ref, f'causal mask n={n}'); n_cases += 1
     passed('causal_mask', n_cases)
 
+@exercise_check
 def check_row_mask(fn) -> None:
     "Check `fn(text_len, h, w) -> (T, T) bool` row mask: text causal, image sees text, image token p sees q in [p-w, p]."
     n_cases = 0
@@ -577,6 +694,7 @@ def check_row_mask(fn) -> None:
         _bool_mask_case(fn(L, h, w), ref, f'row mask text_len={L}, h={h}, w={w}'); n_cases += 1
     passed('row_mask', n_cases)
 
+@exercise_check
 def check_pad_lookup(fn) -> None:
     "Check `fn(ids (B, L), tok_weight (V, D), pad_weight (L_max, D), pad_id) -> (B, L, D)`, pads taking pad_weight[t]."
     g = torch.Generator().manual_seed(0)
@@ -608,6 +726,7 @@ def _attn_reference(q, k, v, mask):
         out[:, :, i] = (s.softmax(-1) @ v[:, :, keys].double())[:, :, 0]
     return out
 
+@exercise_check
 def check_attention(fn) -> None:
     "Check `fn(q, k, v, mask) -> (B, H, T, d)`: softmax(QK^T/sqrt(d) + B) V with B = -inf where the bool mask is False."
     g = torch.Generator().manual_seed(0)
@@ -626,6 +745,7 @@ def check_attention(fn) -> None:
         n_cases += 1
     passed('attention', n_cases)
 
+@exercise_check
 def check_image_positions(fn) -> None:
     "Check `fn(row_emb (h, D), col_emb (w, D)) -> (h*w, D)`, raster row p = i*w + j equal to row_emb[i] + col_emb[j]."
     g = torch.Generator().manual_seed(0)
@@ -639,6 +759,7 @@ def check_image_positions(fn) -> None:
         n_cases += 1
     passed('image_positions', n_cases)
 
+@exercise_check
 def check_decode_step(fn) -> None:
     "Check `fn(past_k, past_v, q, k, v) -> (out (B,H,1,d), new_k, new_v (B,H,T+1,d))`: append, then attend over all keys."
     g = torch.Generator().manual_seed(0)
@@ -668,7 +789,55 @@ def check_decode_step(fn) -> None:
         n_cases += 1
     passed('decode_step', n_cases)
 
+# %% ../nbs/91_checks.ipynb #91_checks-025b
+@exercise_check
+def check_mha(fn) -> None:
+    "Check `fn(x (B, T, D), mask (T, T), weights, n_heads) -> (B, T, D)` against torch's own nn.MultiheadAttention."
+    g = torch.Generator().manual_seed(0); n = 0
+    for B, T, D, H in [(2, 5, 8, 2), (1, 7, 12, 3), (3, 4, 16, 4), (2, 6, 6, 1)]:
+        x = torch.randn(B, T, D, generator=g)
+        mask = torch.rand(T, T, generator=g) < 0.6
+        mask |= torch.eye(T, dtype=torch.bool)                                       # every query sees at least itself
+        wts = {k: torch.randn(D, D, generator=g) / D ** 0.5 for k in ('Wq', 'Wk', 'Wv', 'Wo')}
+        wts.update({k: torch.randn(D, generator=g) * 0.1 for k in ('bq', 'bk', 'bv', 'bo')})
+        ref_mod = torch.nn.MultiheadAttention(D, H, batch_first=True)
+        with torch.no_grad():
+            ref_mod.in_proj_weight.copy_(torch.cat([wts['Wq'], wts['Wk'], wts['Wv']]))
+            ref_mod.in_proj_bias.copy_(torch.cat([wts['bq'], wts['bk'], wts['bv']]))
+            ref_mod.out_proj.weight.copy_(wts['Wo']); ref_mod.out_proj.bias.copy_(wts['bo'])
+            ref = ref_mod(x, x, x, attn_mask=~mask, need_weights=False)[0]            # torch: True = may NOT attend
+        args = {k: v.clone() for k, v in wts.items()}
+        case = f"mha(x {(B, T, D)}, mask {(T, T)}, n_heads={H})"
+        out = fn(x.clone(), mask.clone(), args, H)
+        expect(all(torch.equal(args[k], wts[k]) for k in wts), f"{case}: leave the weights unchanged", 'unchanged', 'modified')
+        # what the usual mistakes return, to name the one made
+        def variant(scale=None, invert=False, split='heads-first', out_proj=True, transpose_w=True):
+            lin = (lambda t, W, b: t @ W.T + b) if transpose_w else (lambda t, W, b: t @ W + b)
+            q, k, v = (lin(x, wts['W' + c], wts['b' + c]) for c in 'qkv')
+            d = D // H
+            heads = (lambda t: t.view(B, T, H, d).transpose(1, 2)) if split == 'heads-first' else (lambda t: t.view(B, T, d, H).permute(0, 3, 1, 2))
+            q, k, v = heads(q), heads(k), heads(v)                                   # (B, H, T, d)
+            s = q @ k.transpose(-2, -1) * (d ** -0.5 if scale is None else scale)
+            m = ~mask if invert else mask
+            s = s.masked_fill(~m, float('-inf'))
+            y = (s.softmax(-1).nan_to_num(0.0) @ v).transpose(1, 2).reshape(B, T, D)
+            return lin(y, wts['Wo'], wts['bo']) if out_proj else y
+        with torch.no_grad():
+            mistakes = {"True in the mask means may attend: put −∞ where the mask is False": variant(invert=True),
+                        "scale the scores by 1/√d with d = D / n_heads, the head size": variant(scale=D ** -0.5),
+                        "divide the scores by √d before the softmax": variant(scale=1.0),
+                        "split D as (n_heads, d), heads first: view(B, T, H, d).transpose(1, 2)": variant(split='d-first'),
+                        "finish with the output projection: y W_oᵀ + b_o": variant(out_proj=False),
+                        "a linear layer computes x Wᵀ + b (PyTorch's weight is (out, in))": variant(transpose_w=False)}
+        expect(isinstance(out, torch.Tensor) and tuple(out.shape) == (B, T, D), f"{case}: output shape (B, T, D)", (B, T, D),
+               getattr(out, 'shape', out), hint="merge the heads back: transpose(1, 2).reshape(B, T, D)")
+        expect_close(out.detach(), ref, case, atol=1e-5, rtol=1e-4,
+                     hint=which_mistake(out.detach(), mistakes, "project to q, k, v; split into heads; softmax(q kᵀ/√d + B) v; merge; project"))
+        n += 1
+    passed('mha', n)
+
 # %% ../nbs/91_checks.ipynb #91_checks-028
+@exercise_check
 def check_joint_shift(fn) -> None:
     "Check `fn(text (B, L), image (B, N)) -> (inputs (B, L+N-1), text_targets (B, L-1), image_targets (B, N))`."
     g = torch.Generator().manual_seed(0)
@@ -686,6 +855,7 @@ def check_joint_shift(fn) -> None:
         n_cases += 1
     passed('joint_shift', n_cases)
 
+@exercise_check
 def check_prior_loss(fn) -> None:
     "Check `fn(text_logits, image_logits, text, image, pad_id, w_text, w_img)` = w_text·CE_text (non-pad) + w_img·CE_img."
     g = torch.Generator().manual_seed(0)
@@ -708,6 +878,7 @@ def check_prior_loss(fn) -> None:
         n_cases += 1
     passed('prior_loss', n_cases)
 
+@exercise_check
 def check_null_text(fn) -> None:
     "Check `fn(text (B, L), drop (B,) bool, pad_id) -> (B, L)`: dropped rows all pad_id, others unchanged, input untouched."
     g = torch.Generator().manual_seed(0)
@@ -724,6 +895,54 @@ def check_null_text(fn) -> None:
             expect(torch.equal(t0, text), f'null text pad_id={pad}: the input text is unchanged', text, t0)
             n_cases += 1
     passed('null_text', n_cases)
+
+# %% ../nbs/91_checks.ipynb #91_checks-028b
+def _tiny_joint(seed: int, L: int, h: int, w: int, V: int = 11, K: int = 13, pattern: str = 'dalle'):
+    from dalle_course.prior import JointPrior                                     # lesson 23's model, for its parts
+    torch.manual_seed(seed)
+    m = JointPrior(V, K, L, h, w, dim=16, depth=2, n_heads=2, mask_pattern=pattern, kernel=3, p_uncond=0.0).eval()
+    for p in m.parameters(): torch.nn.init.normal_(p, std=0.3)                   # not the tiny init: logits that differ
+    return m
+
+def g1_parts(m) -> dict:
+    "The modules a G1 forward is built from (lessons 21 and 22), by name."
+    return {k: getattr(m, k) for k in ('text_emb', 'text_pos', 'image_emb', 'image_pos', 'transformer', 'text_head', 'image_head')}
+
+@exercise_check
+def check_g1_forward(fn) -> None:
+    "Check `fn(parts, text (B, L), image (B, N)) -> {'text_logits' (B, L-1, V), 'image_logits' (B, N, K)}` against cached decoding."
+    n = 0
+    for seed, B, L, h, w, pattern in [(0, 2, 4, 3, 3, 'dalle'), (1, 3, 5, 2, 4, 'causal'), (2, 1, 3, 4, 4, 'dalle')]:
+        m = _tiny_joint(seed, L, h, w, pattern=pattern); N = h * w
+        g = torch.Generator().manual_seed(seed)
+        text = torch.randint(1, 11, (B, L), generator=g); text[0, -1] = 0            # one pad at the end
+        img = torch.randint(0, 13, (B, N), generator=g)
+        case = f"g1_forward(text {(B, L)}, image {(B, N)}, mask pattern {pattern!r})"
+        with torch.no_grad():
+            out = fn(g1_parts(m), text.clone(), img.clone())
+            # reference 1: the image logits one token at a time through the KV cache (prefix + extend)
+            state, l0 = m.prefix(text)
+            ref_img = torch.cat([l0[:, None]] + [m.extend(state, img[:, i:i + 1]) for i in range(N - 1)], 1)  # (B, N, K)
+            # reference 2: the text alone through the causal stack; position t predicts text token t+1
+            y = m.transformer(m.text_emb(text) + m.text_pos(L), cache=m.transformer.new_cache())               # (B, L, D)
+            ref_txt = m.text_head(y[:, :L - 1])                                                                 # (B, L-1, V)
+            x_nopos = torch.cat([m.text_emb(text), m.image_emb(img[:, :-1])], 1)
+            y_nopos = m.transformer(x_nopos)
+        expect(isinstance(out, dict) and {'text_logits', 'image_logits'} <= set(out), f"{case}: return a dict with text_logits and image_logits",
+               ['text_logits', 'image_logits'], sorted(out) if isinstance(out, dict) else out)
+        tl, il = out['text_logits'], out['image_logits']
+        expect(tuple(il.shape) == (B, N, 13), f"{case}: image_logits has shape (B, N, K)", (B, N, 13), tuple(il.shape),
+               hint="feed text (L) and image tokens 0..N−2 (N−1), a stream of L+N−1; the image logits are the outputs from position L−1 on")
+        expect(tuple(tl.shape) == (B, L - 1, 11), f"{case}: text_logits has shape (B, L−1, V): predictions of text[:, 1:]", (B, L - 1, 11),
+               tuple(tl.shape), hint="the text head reads outputs 0..L−2 (the output at L−1 predicts image token 0)")
+        mist = {"add the position embeddings: text_pos(L) to the text, image_pos(N − 1) to the image tokens": m.image_head(y_nopos[:, L - 1:])}
+        expect_close(il, ref_img, f"{case}: image_logits[:, i] are the logits of image token i given the text and tokens < i",
+                     atol=1e-4, rtol=1e-4, hint=which_mistake(il, mist, "x = [text_emb(text) + text_pos(L); image_emb(img[:, :-1]) + image_pos(N − 1)], "
+                                                                   "y = transformer(x), image_logits = image_head(y[:, L−1:])"))
+        expect_close(tl, ref_txt, f"{case}: text_logits[:, t] predict text token t+1", atol=1e-4, rtol=1e-4,
+                     hint="text_logits = text_head(y[:, :L−1])")
+        n += 1
+    passed('g1_forward', n)
 
 # %% ../nbs/91_checks.ipynb #91_checks-031
 def _distinct_logits(g: torch.Generator, B: int, K: int, scale: float = 2.0) -> torch.Tensor:
@@ -759,15 +978,18 @@ def _ref_top_p(row: list, p: float) -> list:
         mass += x / s
     return keep
 
+@exercise_check
 def check_top_k(fn) -> None:
     "Check `fn(logits (B, K), k) -> (B, K)`: the k largest logits of each row kept, the rest -inf, input untouched."
     _check_filter(fn, 'top_k', [(2, 10, 3), (3, 7, 1), (1, 5, 5), (4, 64, 16), (2, 9, 8)], _ref_top_k)
 
+@exercise_check
 def check_top_p(fn) -> None:
     "Check `fn(logits (B, K), p) -> (B, K)`: tokens whose preceding sorted mass is below p kept, the rest -inf."
     _check_filter(fn, 'top_p', [(2, 10, 0.5), (3, 7, 0.9), (2, 5, 1.0), (4, 64, 0.3), (2, 9, 1e-4), (3, 12, 0.75)],
                   _ref_top_p)
 
+@exercise_check
 def check_guide(fn) -> None:
     "Check `fn(logits (2B, K) = [cond; uncond], scale) -> (B, K)` = uncond + scale * (cond - uncond)."
     g = torch.Generator().manual_seed(0)
@@ -784,7 +1006,71 @@ def check_guide(fn) -> None:
         n_cases += 1
     passed('guide', n_cases)
 
+# %% ../nbs/91_checks.ipynb #91_checks-031b
+class _CountingPrior(torch.nn.Module):
+    "Wraps a prior and counts how it is called: a sampler must use prefix once and extend once per new token."
+    def __init__(self, prior):
+        super().__init__(); self.prior = prior; self.calls = []
+        self.n_img, self.h, self.w, self.text_len, self.pad_id = prior.n_img, prior.h, prior.w, prior.text_len, prior.pad_id
+    def null_text(self, B): return self.prior.null_text(B)
+    def prefix(self, text):
+        self.calls.append(('prefix', tuple(text.shape))); return self.prior.prefix(text)
+    def extend(self, state, tokens):
+        self.calls.append(('extend', tuple(tokens.shape))); return self.prior.extend(state, tokens)
+    def forward(self, *a, **k):
+        self.calls.append(('forward', ())); return self.prior(*a, **k)
+
+def _ref_sample(m, text, temperature, top_k, guidance, seed):
+    "Brute force: the full forward pass at every step (no cache), guidance on stacked rows, one multinomial draw per step."
+    B, N = text.shape[0], m.n_img
+    cfg = guidance != 1.0
+    rows = torch.cat([text, m.null_text(B)]) if cfg else text
+    out = torch.zeros(B, N, dtype=torch.long); gen = torch.Generator().manual_seed(seed)
+    for i in range(N):
+        img = torch.cat([out, out]) if cfg else out
+        l = m(rows, img)['image_logits'][:, i].float()                               # (R, K) logits of token i
+        if cfg: l = l[B:] + guidance * (l[:B] - l[B:])                               # uncond + s (cond − uncond)
+        l = l / temperature
+        if top_k is not None and top_k < l.shape[-1]:
+            l = l.masked_fill(l < l.topk(top_k, -1).values[:, -1:], float('-inf'))
+        out[:, i] = torch.multinomial(l.softmax(-1), 1, generator=gen)[:, 0]
+    return out
+
+@exercise_check
+def check_sample_loop(fn) -> None:
+    "Check `fn(prior, text, temperature, top_k, guidance, generator) -> (B, N)` tokens: cached, guided, filtered, drawn like the reference."
+    n = 0
+    for seed, B, L, h, w, temperature, top_k, guidance in [(0, 2, 4, 2, 3, 1.0, None, 1.0), (1, 3, 4, 3, 3, 0.7, 5, 1.0),
+                                                          (2, 2, 3, 2, 2, 1.3, None, 3.0), (3, 1, 5, 3, 2, 0.9, 4, 2.0)]:
+        m = _tiny_joint(seed, L, h, w)
+        g = torch.Generator().manual_seed(seed)
+        text = torch.randint(1, 11, (B, L), generator=g)
+        ref = _ref_sample(m, text, temperature, top_k, guidance, seed + 100)
+        wrapped = _CountingPrior(m)
+        case = f"sample_loop(B={B}, N={h * w}, temperature={temperature}, top_k={top_k}, guidance={guidance})"
+        with torch.no_grad(): out = fn(wrapped, text.clone(), temperature, top_k, guidance, torch.Generator().manual_seed(seed + 100))
+        R = 2 * B if guidance != 1.0 else B
+        kinds = [c[0] for c in wrapped.calls]
+        expect('forward' not in kinds, f"{case}: decode with the KV cache, not the full forward pass", 'prefix once, then extend', kinds[:4],
+               hint="state, logits = prior.prefix(rows) once; then logits = prior.extend(state, tokens)[:, -1] for each new token")
+        expect(wrapped.calls[:1] == [('prefix', (R, L))] and kinds.count('prefix') == 1, f"{case}: one prefix call with all {R} rows",
+               [('prefix', (R, L))], wrapped.calls[:2],
+               hint="with guidance ≠ 1 stack [text; null_text(B)] as one batch of 2B rows" if R > B else "call prefix once with the B captions")
+        ext = [c for c in wrapped.calls if c[0] == 'extend']
+        expect(len(ext) == h * w - 1 and all(c[1] == (R, 1) for c in ext), f"{case}: extend once per new token but the last, with (rows, 1) tokens",
+               f"{h * w - 1} × ('extend', {(R, 1)})", ext[:3], hint="feed each drawn token to both halves: torch.cat([tok, tok]) when guiding")
+        expect(isinstance(out, torch.Tensor) and tuple(out.reshape(B, -1).shape) == (B, h * w), f"{case}: returns (B, N) tokens", (B, h * w),
+               getattr(out, 'shape', out))
+        same = out.reshape(B, -1).long() == ref
+        first = None if same.all() else int((~same).any(0).nonzero()[0])
+        expect(first is None, f"{case}: the tokens equal the reference's (same generator); first difference at step {first}", ref, out.reshape(B, -1),
+               hint="per step: guided = uncond + s·(cond − uncond) (only if s ≠ 1), divide by the temperature, keep the top_k largest "
+                    "(the rest −∞), softmax, then one torch.multinomial(probs, 1, generator=generator) for all B rows")
+        n += 1
+    passed('sample_loop', n)
+
 # %% ../nbs/91_checks.ipynb #4d60505f
+@exercise_check
 def check_ctrs_perturbation(fn) -> None:
     "Check `fn(attrs (3, 4), m, rng) -> (3, 4)`: a copy with exactly m distinct positions changed, each to another value of its type."
     sizes = (10, 3, 4, 3); n = 0
@@ -817,6 +1103,7 @@ def check_ctrs_perturbation(fn) -> None:
            set(range(1, 10)), seen)
     passed('ctrs_perturbation', n + 1)
 
+@exercise_check
 def check_contrastive_loss(fn) -> None:
     "Check `fn(logits (B, B)) -> scalar`: CLIP's symmetric cross-entropy, images along rows and texts along columns."
     import math

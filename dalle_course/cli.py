@@ -209,10 +209,10 @@ def run_bench_tokenizers(args) -> int:
 def run_exercises(args) -> int:
     "Write learner copies of the notebooks with the solutions removed."
     from dalle_course.exercises import write_learner_copies
-    counts = write_learner_copies(args.nbs, args.out, overwrite=args.overwrite)
+    counts = write_learner_copies(args.nbs, args.out, overwrite=args.overwrite, solutions=args.solutions)
     for name, n in counts.items():
         if n: print(f"{name}: {n} exercise{'s' if n > 1 else ''}")
-    print(f"wrote {len(counts)} learner notebooks ({sum(counts.values())} exercises) to {args.out}")
+    print(f"wrote {len(counts)} learner notebooks ({sum(counts.values())} exercises) to {args.out}; open them with: jupyter lab {args.out}")
     return 0
 
 # %% ../nbs/95_cli.ipynb #95_cli-007
@@ -385,8 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Copy the course notebooks with every solution block replaced by "
                         "`raise NotImplementedError` and all outputs cleared. Work through the copies.")
     ex.add_argument('--out', type=Path, required=True, help='folder for the learner notebooks')
-    ex.add_argument('--nbs', type=Path, default=Path('nbs'), help="the course's notebook folder")
-    ex.add_argument('--overwrite', action='store_true', help='replace notebooks in a non-empty output folder')
+    ex.add_argument('--nbs', type=Path, default=None, help="the course's notebook folder (default: the package's own, found from any folder)")
+    ex.add_argument('--overwrite', action='store_true', help='replace earlier copies this command wrote and you have not changed (changed ones are refused)')
+    ex.add_argument('--solutions', action='store_true', help='keep the reference solutions in the copies (for teachers)')
     ex.set_defaults(func=run_exercises)
     return p
 

@@ -4,38 +4,77 @@
 
 # %% ../nbs/90_exercises.ipynb #90_exercises-002
 from __future__ import annotations
-import json
+import functools, hashlib, json, re, shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import dalle_course
 from .core import InputError
 
 # %% auto #0
-__all__ = ['BEGIN', 'END', 'STUB', 'CheckFailure', 'expect', 'expect_close', 'passed', 'strip_solutions', 'write_learner_copies']
+__all__ = ['BEGIN', 'END', 'STUB', 'COURSE_NBS', 'NOT_COPIED', 'MANIFEST', 'CheckFailure', 'expect', 'expect_close',
+           'which_mistake', 'exercise_check', 'passed', 'strip_solutions', 'learner_copy', 'write_learner_copies']
 
 # %% ../nbs/90_exercises.ipynb #90_exercises-004
 class CheckFailure(AssertionError):
     "An exercise check failed; the message shows the failing case, expected and actual."
 
-def _fmt(x, limit: int = 400) -> str:
-    if isinstance(x, torch.Tensor): x = x.detach().cpu()
-    s = repr(x) if not isinstance(x, (torch.Tensor, np.ndarray)) else f'{type(x).__name__} shape={tuple(x.shape)} dtype={x.dtype}\n{x}'
+def _fmt(x, limit: int = 160) -> str:
+    "A short description: tensors as dtype, shape and a few values."
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        a = torch.as_tensor(np.asarray(x)) if isinstance(x, np.ndarray) else x.detach().cpu()
+        vals = a.flatten()[:6].tolist()
+        return f"{type(x).__name__} {str(a.dtype).replace('torch.', '')} shape {tuple(a.shape)}, first values {vals}" + (' ...' if a.numel() > 6 else '')
+    s = repr(x)
     return s if len(s) <= limit else s[:limit] + ' ...'
 
-def expect(cond: bool, case: str, expected, actual) -> None:
-    "Raise `CheckFailure` describing `case` with `expected` and `actual` unless `cond` holds."
-    if not cond:
-        raise CheckFailure(f"✗ {case}\n  expected: {_fmt(expected)}\n  actual:   {_fmt(actual)}")
+def _hint(hint) -> str:
+    return f"\n  hint:     {hint}" if hint else ''
 
-def expect_close(actual, expected, case: str, atol: float = 1e-5, rtol: float = 1e-5) -> None:
-    "Check that `actual` has `expected`'s shape and is elementwise close to it."
-    a = torch.as_tensor(np.asarray(actual) if not isinstance(actual, torch.Tensor) else actual).detach().cpu()
-    e = torch.as_tensor(np.asarray(expected) if not isinstance(expected, torch.Tensor) else expected).detach().cpu()
-    expect(tuple(a.shape) == tuple(e.shape), f'{case}: shape', tuple(e.shape), tuple(a.shape))
-    ok = torch.allclose(a.double(), e.double(), atol=atol, rtol=rtol, equal_nan=False)
-    expect(ok, case, expected, actual)
+def expect(cond: bool, case: str, expected, actual, hint: str | None = None) -> None:
+    "Raise `CheckFailure` describing `case` with `expected` and `actual` (and a `hint`) unless `cond` holds."
+    if not cond:
+        raise CheckFailure(f"✗ {case}\n  expected: {_fmt(expected)}\n  actual:   {_fmt(actual)}{_hint(hint)}")
+
+def _as_tensor(x) -> torch.Tensor:
+    return (x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))).detach().cpu()
+
+def expect_close(actual, expected, case: str, atol: float = 1e-5, rtol: float = 1e-5, hint: str | None = None) -> None:
+    "Check that `actual` has `expected`'s shape and is elementwise close; on failure show the first mismatch and the largest |difference|."
+    a, e = _as_tensor(actual), _as_tensor(expected)
+    expect(tuple(a.shape) == tuple(e.shape), f'{case}: shape', tuple(e.shape), tuple(a.shape), hint)
+    if a.numel() == 0: return
+    ad, ed = a.double(), e.double()
+    bad = ~torch.isclose(ad, ed, atol=atol, rtol=rtol, equal_nan=False)    # (*shape) True where off
+    if not bad.any(): return
+    first = tuple(int(i) for i in bad.nonzero()[0])                          # first mismatching index (row-major)
+    diff = (ad - ed).abs().nan_to_num(nan=float('inf'))
+    raise CheckFailure(f"✗ {case}\n  {int(bad.sum())} of {a.numel()} entries differ (atol {atol:g}, rtol {rtol:g}); shape {tuple(a.shape)}"
+                       f"\n  first mismatch at index {first}: expected {ed[first].item():.6g}, actual {ad[first].item():.6g}"
+                       f"\n  largest |difference|: {diff.max().item():.3g}{_hint(hint)}")
+
+def which_mistake(actual, mistakes: dict, default: str | None = None, atol: float = 1e-5, rtol: float = 1e-4) -> str | None:
+    "The hint of the first known mistake whose result `actual` reproduces ({hint: what that mistake returns}), else `default`."
+    try: a = _as_tensor(actual).double()
+    except (TypeError, ValueError, RuntimeError): return default
+    for hint, wrong in mistakes.items():
+        w = _as_tensor(wrong).double()
+        if w.shape == a.shape and torch.allclose(a, w, atol=atol, rtol=rtol, equal_nan=True): return hint
+    return default
+
+def exercise_check(check):
+    "Decorator for a `check_*`: a learner function that still raises the stub's NotImplementedError gets a one-line verdict."
+    @functools.wraps(check)
+    def wrapper(fn, *args, **kwargs):
+        try: return check(fn, *args, **kwargs)
+        except NotImplementedError as err:
+            name = getattr(fn, '__name__', 'your function')
+            raise CheckFailure(f"✗ {check.__name__}: `{name}` is not written yet (it raises NotImplementedError: {err}). "
+                               "Replace the `raise NotImplementedError` line with your solution and run the cell again; "
+                               "the rest of the lesson does not need it.") from None
+    return wrapper
 
 def passed(name: str, n: int) -> None:
     "Print the success line of a check."
@@ -62,28 +101,70 @@ def strip_solutions(source: str) -> str:
     return '\n'.join(out)
 
 # %% ../nbs/90_exercises.ipynb #90_exercises-010
-def write_learner_copies(src_dir, out_dir, overwrite: bool = False) -> dict[str, int]:
-    "Write copies of the notebooks in `src_dir` to `out_dir` with solutions stubbed; {notebook name: exercises}."
-    src_dir, out_dir = Path(src_dir), Path(out_dir)
-    nbs = sorted(src_dir.glob('*.ipynb'))
-    if not nbs: raise InputError(f"no notebooks found in {src_dir}; pass --nbs pointing at the course's nbs/ folder")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise InputError(f"{out_dir} exists and is not empty; choose another --out or add --overwrite")
-    copies, counts = {}, {}
-    for p in nbs:
-        nb = json.loads(p.read_text(encoding='utf-8')); n = 0
-        for cell in nb['cells']:
-            if cell['cell_type'] != 'code': continue
-            src = ''.join(cell['source'])
+COURSE_NBS = Path(dalle_course.__file__).resolve().parent.parent / 'nbs'  # the lessons, beside the package
+NOT_COPIED = ('91_checks.ipynb',)          # the checks' reference implementations
+MANIFEST = '.learner_copies.json'          # {file: sha256 of what we wrote}
+_IMAGE_LINK = re.compile(r'(!\[[^\]]*\]\()([^)\s]+)(\))')
+
+def _is_export_cell(src: str) -> bool:
+    return 'nbdev_export(' in src and all(l.startswith('#|') or 'nbdev' in l or not l.strip() for l in src.split('\n'))
+
+def _sha(text: str) -> str: return hashlib.sha256(text.encode('utf-8')).hexdigest()
+
+def learner_copy(nb: dict, name: str = 'notebook', solutions: bool = False) -> tuple[dict, int, list[str]]:
+    "One notebook as a learner copy (`solutions=True`: the answers kept): (notebook, number of exercises, relative image links)."
+    cells, n, images = [], 0, []
+    for cell in nb['cells']:
+        src = ''.join(cell['source'])
+        if cell['cell_type'] == 'code':
+            if _is_export_cell(src): continue
             marks = [l.strip() for l in src.split('\n') if l.strip() in (BEGIN, END)]
             n += marks.count(BEGIN)
-            if marks:
+            if marks and not solutions:
                 try: src = strip_solutions(src)
-                except ValueError as e: raise ValueError(f"{p.name}: {e}") from None
-                cell['source'] = [l + '\n' for l in src.split('\n')[:-1]] + [src.split('\n')[-1]]
-            cell['outputs'], cell['execution_count'] = [], None
-        copies[p.name], counts[p.name] = nb, n
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, nb in copies.items():
-        (out_dir / name).write_text(json.dumps(nb, indent=1, ensure_ascii=False) + '\n', encoding='utf-8')
+                except ValueError as e: raise ValueError(f"{name}: {e}") from None
+            cell = {**cell, 'outputs': [], 'execution_count': None}
+        elif cell['cell_type'] == 'markdown':
+            def relink(m):
+                link = m.group(2)
+                if re.match(r'^[a-z]+:|^/|^#', link): return m.group(0)     # URLs, absolute paths, anchors
+                images.append(link)
+                return m.group(1) + 'images/' + Path(link).name + m.group(3)
+            src = _IMAGE_LINK.sub(relink, src)
+        lines = src.split('\n')
+        cells.append({**cell, 'source': [l + '\n' for l in lines[:-1]] + [lines[-1]] if src else []})
+    return {**nb, 'cells': cells}, n, images
+
+def write_learner_copies(src_dir=None, out_dir='my_course', overwrite: bool = False, solutions: bool = False) -> dict[str, int]:
+    "Write learner copies of the lessons in `src_dir` (default: the package's) to `out_dir`; {notebook: exercises}. `solutions`: keep the answers."
+    src_dir, out_dir = Path(src_dir or COURSE_NBS), Path(out_dir)
+    nbs = [p for p in sorted(src_dir.glob('*.ipynb')) if p.name not in NOT_COPIED]
+    if not nbs: raise InputError(f"no notebooks found in {src_dir}; pass --nbs pointing at the course's nbs/ folder")
+    files, counts = {}, {}
+    for p in nbs:
+        nb, n, images = learner_copy(json.loads(p.read_text(encoding='utf-8')), p.name, solutions)
+        files[p.name], counts[p.name] = json.dumps(nb, indent=1, ensure_ascii=False) + '\n', n
+        for link in images:
+            img = (p.parent / link).resolve()
+            if not img.is_file(): raise InputError(f"{p.name} links the picture {link}, which is not there; restore it or fix the link")
+            files[f'images/{img.name}'] = img
+    # what may be written: nothing in a non-empty folder, unless --overwrite and every clash is an unchanged copy of ours
+    old = out_dir / MANIFEST
+    if out_dir.exists() and not out_dir.is_dir(): raise InputError(f"{out_dir} is a file; choose a folder for --out")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite: raise InputError(f"{out_dir} exists and is not empty; choose another --out or add --overwrite")
+        ours = json.loads(old.read_text()) if old.is_file() else {}
+        clash = [f for f in files if (out_dir / f).exists()]
+        foreign = [f for f in clash if f not in ours]
+        changed = [f for f in clash if f in ours and _sha((out_dir / f).read_text(encoding='utf-8', errors='replace')) != ours[f]]
+        if foreign: raise InputError(f"{out_dir} holds {', '.join(foreign[:3])} that this command did not write; choose another --out")
+        if changed: raise InputError(f"{', '.join(changed[:3])} in {out_dir} changed since it was written (your work?); "
+                                     "move it away or choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True); (out_dir / 'images').mkdir(exist_ok=True)
+    manifest = {}
+    for f, body in files.items():
+        if isinstance(body, Path): shutil.copyfile(body, out_dir / f); body = (out_dir / f).read_text(encoding='utf-8', errors='replace')
+        else: (out_dir / f).write_text(body, encoding='utf-8')
+        manifest[f] = _sha(body)
+    old.write_text(json.dumps(manifest, indent=1) + '\n')
     return counts

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from .core import InputError
 
 # %% auto #0
-__all__ = ['sample_gumbel', 'chi_square_test', 'gumbel_max_sample', 'straight_through', 'gumbel_softmax', 'exact_grad',
-           'score_function_grad', 'relaxed_grad']
+__all__ = ['sample_gumbel', 'chi_square_test', 'gumbel_max_sample', 'relaxed_softmax', 'straight_through', 'gumbel_softmax',
+           'exact_grad', 'score_function_grad', 'relaxed_grad']
 
 # %% ../nbs/10_gumbel.ipynb #10_gumbel-007
 def _gumbel_from_uniform(u: torch.Tensor, eps: float = 1e-20) -> torch.Tensor:
@@ -55,6 +55,17 @@ def gumbel_max_sample(logits: torch.Tensor, dim: int = -1, generator: torch.Gene
     g = sample_gumbel(logits.shape, generator, logits.device, work)   # (*logits.shape) Gumbel(0, 1)
     return (logits.to(work) + g).argmax(dim)                          # (*shape without dim)
 
+# %% ../nbs/10_gumbel.ipynb #10_gumbel-023c
+def _check_tau(tau) -> None:
+    if isinstance(tau, (int, float)) and not tau > 0:
+        raise InputError(f"tau must be a positive temperature, got {tau}; use e.g. tau=1.0 and anneal it towards 1/16")
+
+def relaxed_softmax(logits: torch.Tensor, gumbels: torch.Tensor, tau: float, dim: int = -1) -> torch.Tensor:
+    "The relaxed sample softmax((logits + gumbels) / τ) along `dim` for given noise, stable for tiny τ; `logits`' shape."
+    _check_tau(tau)
+    z = logits + gumbels                                                 # (*shape) noisy logits
+    return torch.softmax((z - z.amax(dim, keepdim=True).detach()) / tau, dim)  # max subtracted: no ∞ − ∞
+
 # %% ../nbs/10_gumbel.ipynb #10_gumbel-029
 def straight_through(soft: torch.Tensor, dim: int = -1) -> torch.Tensor:
     "Exact one-hot of `soft.argmax(dim)` going forward, the gradient of `soft` going backward; `soft`'s shape and dtype."
@@ -62,20 +73,15 @@ def straight_through(soft: torch.Tensor, dim: int = -1) -> torch.Tensor:
     hard = torch.zeros_like(soft).scatter_(dim, index, 1.0)      # (*soft.shape) one-hot
     return hard + (soft - soft.detach())                          # forward: hard + 0; backward: d soft
 
-def _check_tau(tau) -> None:
-    if isinstance(tau, (int, float)) and not tau > 0:
-        raise InputError(f"tau must be a positive temperature, got {tau}; use e.g. tau=1.0 and anneal it towards 1/16")
-
 def gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, hard: bool = False, dim: int = -1,
                    generator: torch.Generator | None = None) -> torch.Tensor:
     "A Gumbel-softmax sample along `dim` at temperature `tau`; `hard=True`: straight-through one-hot. Same shape and dtype as `logits`."
     _check_tau(tau)
     work = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    z = logits.to(work) + sample_gumbel(logits.shape, generator, logits.device, work)  # (*shape) noisy logits
-    zmax = z.amax(dim, keepdim=True).detach()                                           # (..., 1, ...)
-    y = torch.softmax((z - zmax) / tau, dim)                                            # (*shape) relaxed sample
+    g = sample_gumbel(logits.shape, generator, logits.device, work)                     # (*shape) Gumbel noise
+    y = relaxed_softmax(logits.to(work), g, tau, dim)                                   # (*shape) relaxed sample
     if hard:
-        index = z.argmax(dim, keepdim=True)                                             # Gumbel-max sample
+        index = (logits.to(work) + g).argmax(dim, keepdim=True)                         # Gumbel-max sample
         y = torch.zeros_like(y).scatter_(dim, index, 1.0) + (y - y.detach())            # exact one-hot, soft gradient
     return y.to(logits.dtype)
 

@@ -1,6 +1,8 @@
 """Every exercise check accepts the reference answer and rejects at least two planted wrong answers.
 
-Planted answers live in tests/planted_<topic>.py as `PLANTED = {'check_name': (right_fn, [wrong_fn, ...])}`."""
+Planted answers live in tests/planted_<topic>.py as `PLANTED = {'check_name': (right_fn, [wrong_fn, ...])}`; a wrong
+answer may come as `(wrong_fn, 'part of the hint')`, and the check's message must then contain that hint. Every failure
+message is short: the case, the first mismatch and the largest difference, not pages of tensor."""
 import importlib.util, inspect
 from pathlib import Path
 
@@ -45,5 +47,24 @@ def test_check_accepts_reference(name, capsys):
 
 @pytest.mark.parametrize('name,i', WRONG, ids=[f'{n}-wrong{i}' for n, i in WRONG])
 def test_check_rejects_wrong_answer(name, i):
-    with pytest.raises(CheckFailure):
-        CHECKS[name](PLANTED[name][1][i])
+    wrong = PLANTED[name][1][i]
+    fn, hint = wrong if isinstance(wrong, tuple) else (wrong, None)
+    with pytest.raises(CheckFailure) as err:
+        CHECKS[name](fn)
+    msg = str(err.value)
+    assert len(msg) < 1200, f'{name}: a {len(msg)}-character failure message: {msg[:300]}'
+    if hint: assert hint in msg, f'{name} rejected {fn.__name__} without the hint {hint!r}: {msg}'
+
+
+def test_whole_piece_exercises_have_hints():
+    "Every build-the-whole-piece check names a hint for each planted mistake."
+    for name in ('check_dalle_elb', 'check_vq_forward', 'check_mha', 'check_g1_forward', 'check_sample_loop'):
+        wrongs = PLANTED[name][1]
+        assert len(wrongs) >= 2 and all(isinstance(w, tuple) and w[1] for w in wrongs), name
+
+
+def test_unwritten_exercise_is_named():
+    def my_answer(*a, **k): raise NotImplementedError('Exercise: replace this line with your solution')
+    for name, check in CHECKS.items():
+        with pytest.raises(CheckFailure, match='`my_answer` is not written yet'):
+            check(my_answer)
