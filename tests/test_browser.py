@@ -48,14 +48,19 @@ def lab(tmp_path_factory):
     write_learner_copies(out_dir=course, solutions=True)
     shots = Path(os.environ.get('DALLE_COURSE_SCREENSHOTS') or root / 'screenshots'); shots.mkdir(parents=True, exist_ok=True)
     port = _free_port()
+    settings = root / 'settings' / '@jupyterlab' / 'apputils-extension'          # no news or update pop-ups
+    settings.mkdir(parents=True)
+    (settings / 'notification.jupyterlab-settings').write_text(json.dumps({'fetchNews': 'false', 'checkForUpdates': False}))
     env = {**os.environ, 'JUPYTER_CONFIG_DIR': str(root / 'config'), 'JUPYTER_RUNTIME_DIR': str(root / 'runtime'),
-           'IPYTHONDIR': str(root / 'ipython'), 'MPLBACKEND': 'module://matplotlib_inline.backend_inline'}
+           'IPYTHONDIR': str(root / 'ipython'), 'JUPYTERLAB_SETTINGS_DIR': str(root / 'settings'),
+           'JUPYTERLAB_WORKSPACES_DIR': str(root / 'workspaces'), 'MPLBACKEND': 'module://matplotlib_inline.backend_inline'}
     log = open(root / 'lab.log', 'w')
     proc = subprocess.Popen([sys.executable, '-m', 'jupyterlab', '--no-browser', f'--port={port}', '--ip=127.0.0.1',
                              f'--ServerApp.root_dir={course}', f'--IdentityProvider.token={TOKEN}',
                              '--LabApp.expose_app_in_browser=True', '--LabApp.news_url=',
                              '--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate',
-                             '--ServerApp.disable_check_xsrf=True'],
+                             '--ServerApp.disable_check_xsrf=True', '--ServerApp.allow_root=True',
+                             '--LabApp.extension_manager=readonly'],
                             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=course)
     base = f'http://127.0.0.1:{port}'
     try:
@@ -83,29 +88,34 @@ def browser():
         b.close()
 
 
+PANEL = "(name) => Array.from(window.jupyterapp.shell.widgets('main')).find(w => w.context && w.context.path === name)"
+
+
 def _open(browser, base, name):
+    "A fresh page (its own workspace) with the notebook open and its kernel idle."
     page = browser.new_page(viewport={'width': 1400, 'height': 1000})
     page.set_default_timeout(120_000)
-    page.goto(f'{base}/lab/tree/{name}?token={TOKEN}')
-    page.wait_for_function("window.jupyterapp && window.jupyterapp.shell.currentWidget && "
-                           "window.jupyterapp.shell.currentWidget.sessionContext && "
-                           "window.jupyterapp.shell.currentWidget.sessionContext.session && "
-                           "window.jupyterapp.shell.currentWidget.sessionContext.session.kernel && "
-                           "window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status === 'idle'")
+    page.goto(f'{base}/lab/workspaces/{Path(name).stem}/tree/{name}?reset&token={TOKEN}')
+    page.wait_for_function(f"""(name) => {{ const p = ({PANEL})(name);
+        return p && p.sessionContext.session && p.sessionContext.session.kernel && p.sessionContext.session.kernel.status === 'idle'; }}""",
+                           arg=name)
     return page
 
 
-def _run_all(page, course, name, timeout_s=600):
+def _run_all(page, course, name, timeout_s=300):
     "Run → Run All Cells, wait until every code cell has run and the kernel is idle, save; return the saved notebook."
-    page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
-    page.wait_for_function("""() => {
-        const nb = window.jupyterapp.shell.currentWidget; const cells = nb.content.widgets;
-        const code = cells.filter(c => c.model.type === 'code');
-        const done = code.every(c => c.model.executionCount !== null || c.model.sharedModel.source.trim() === '');
-        return done && nb.sessionContext.session.kernel.status === 'idle' && !document.querySelector('.jp-InputPrompt')?.textContent.includes('*');
-    }""", timeout=timeout_s * 1000)
-    page.evaluate("window.jupyterapp.commands.execute('docmanager:save')")
-    page.wait_for_function("!window.jupyterapp.shell.currentWidget.context.model.dirty")
+    page.evaluate(f"""(name) => {{ const p = ({PANEL})(name); window.jupyterapp.shell.activateById(p.id);
+        return window.jupyterapp.commands.execute('notebook:run-all-cells'); }}""", name)
+    try:
+        page.wait_for_function(f"""(name) => {{ const p = ({PANEL})(name);
+            const code = p.content.widgets.filter(c => c.model.type === 'code' && c.model.sharedModel.source.trim() !== '');
+            return code.every(c => c.model.executionCount !== null && !c.promptNode.textContent.includes('*'))
+                   && p.sessionContext.session.kernel.status === 'idle'; }}""", arg=name, timeout=timeout_s * 1000)
+    except Exception:
+        page.screenshot(path=str(course / f'{Path(name).stem}_stuck.png'))
+        raise
+    page.evaluate(f"(name) => window.jupyterapp.commands.execute('docmanager:save')", name)
+    page.wait_for_function(f"(name) => !({PANEL})(name).context.model.dirty", arg=name)
     return json.loads((course / name).read_text())
 
 
@@ -170,4 +180,31 @@ def test_mask_explorer(lab, browser):
     after = _wait_new_plot(page, interact, mid)
     assert after != mid, 'moving the caption-length slider did not redraw the mask'
     interact.screenshot(path=str(shots / 'masks_conv_text7.png'))
+    page.screenshot(path=str(shots / 'masks_lab.png'))
+    page.close()
+
+
+def test_prompt_box(lab, browser):
+    "The opening lesson's prompt box: type a description, press Draw, see new images and the ruler's verdict; a bad one is refused."
+    base, course, shots = lab
+    page = _open(browser, base, '000_start_here.ipynb')
+    nb = _run_all(page, course, '000_start_here.ipynb')
+    assert not _errors(nb), _errors(nb)
+    box = page.locator('.widget-vbox').filter(has=page.locator('button', has_text='Draw')).first
+    box.scroll_into_view_if_needed()
+    box.locator('.widget-html').filter(has_text='ruler:').first.wait_for()          # the first drawing's verdict
+    before = box.locator('img').first.get_attribute('src')
+    field = box.locator('input[type="text"]').first
+    field.fill('0 40 b up 5 40 r middle 6 40 w down')
+    box.locator('button', has_text='Draw').click()
+    after = _wait_new_plot(page, box, before)
+    assert after != before, 'Draw did not show new images'
+    verdict = box.locator('.widget-html').filter(has_text='ruler:').first.inner_text()
+    assert 'binding' in verdict and 'exact' in verdict, verdict
+    box.screenshot(path=str(shots / 'prompt_box.png'))
+    field.fill('0 40 b up 5 40 purple middle 6 40 w down')                           # not a colour
+    box.locator('button', has_text='Draw').click()
+    err = box.locator('.widget-html').filter(has_text='purple').first
+    err.wait_for()
+    assert 'not a colour' in err.inner_text(), err.inner_text()
     page.close()
