@@ -11,7 +11,7 @@ from .core import InputError
 
 # %% auto #0
 __all__ = ['PROG', 'TRAIN_COMMANDS', 'SAMPLE_SUFFIXES', 'run_data_mdmnist', 'run_train', 'run_sample', 'run_demo',
-           'run_bench_tokenizers', 'run_exercises', 'build_parser', 'main']
+           'run_bench_tokenizers', 'run_exercises', 'run_lessons', 'build_parser', 'main']
 
 # %% ../nbs/95_cli.ipynb #95_cli-004
 PROG = 'dalle-course'
@@ -214,6 +214,19 @@ def run_exercises(args) -> int:
         if n: print(f"{name}: {n} exercise{'s' if n > 1 else ''}")
     print(f"wrote {len(counts)} learner notebooks ({sum(counts.values())} exercises) to {args.out}; open them with: jupyter lab {args.out}")
     return 0
+def run_lessons(args) -> int:
+    "List the lessons, or (--time) run each as a learner copy and print how long it took."
+    from dalle_course.exercises import lesson_titles, time_lessons
+    titles = lesson_titles()
+    if not args.time:
+        for name, title in titles.items(): print(f"{name:28s} {title}")
+        return 0
+    names = [n if n.endswith('.ipynb') else n + '.ipynb' for n in args.names] or None
+    res = time_lessons(names)
+    print('| lesson | seconds | cells | errors |\n|---|---:|---:|---:|')
+    for name, r in res.items(): print(f"| `{name[:-6]}` | {r['seconds']:.1f} | {r['cells']} | {len(r['errors'])} |")
+    print(f"| total | {sum(r['seconds'] for r in res.values()):.0f} | | |")
+    return 1 if any(r['errors'] for r in res.values()) else 0
 
 # %% ../nbs/95_cli.ipynb #95_cli-007
 def _positive_int(s: str) -> int:
@@ -379,6 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument('--overwrite', action='store_true', help='replace an earlier eval in --out (only its own files)')
     _device_seed_args(ev)
     ev.set_defaults(func=lambda a: __import__('dalle_course.study', fromlist=['run_eval']).run_eval(a))
+
+    ls = sub.add_parser('lessons', formatter_class=argparse.ArgumentDefaultsHelpFormatter, help='list the lessons, or time them',
+                        description="List the course's lessons. With --time, run each (a learner copy with the solutions kept, "
+                        "in a temporary folder, slow cells skipped) and print a table of seconds: how long a lesson takes on this machine.")
+    ls.add_argument('names', nargs='*', help='lessons to time, e.g. 10_gumbel 21_masks (default: all)')
+    ls.add_argument('--time', action='store_true', help='run the lessons and print how long each took')
+    ls.set_defaults(func=run_lessons)
 
     ex = sub.add_parser('exercises', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                         help='write learner copies of the notebooks (solutions removed)',

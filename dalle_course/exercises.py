@@ -15,7 +15,8 @@ from .core import InputError
 
 # %% auto #0
 __all__ = ['BEGIN', 'END', 'STUB', 'COURSE_NBS', 'NOT_COPIED', 'MANIFEST', 'CheckFailure', 'expect', 'expect_close',
-           'which_mistake', 'exercise_check', 'passed', 'strip_solutions', 'learner_copy', 'write_learner_copies']
+           'which_mistake', 'exercise_check', 'passed', 'strip_solutions', 'learner_copy', 'write_learner_copies',
+           'run_cells', 'lesson_titles', 'time_lessons']
 
 # %% ../nbs/90_exercises.ipynb #90_exercises-004
 class CheckFailure(AssertionError):
@@ -168,3 +169,54 @@ def write_learner_copies(src_dir=None, out_dir='my_course', overwrite: bool = Fa
         manifest[f] = _sha(body)
     old.write_text(json.dumps(manifest, indent=1) + '\n')
     return counts
+
+# %% ../nbs/90_exercises.ipynb #90_exercises-011c
+def _flags_of(src: str) -> dict:
+    "The nbdev directives at the top of a cell: {'slow': [], 'eval:': ['false'], ...}."
+    out = {}
+    for line in src.split('\n'):
+        if not line.startswith('#|'): break
+        words = line[2:].split()
+        if words: out[words[0]] = words[1:]
+    return out
+
+def run_cells(path, skip=('slow', 'cuda')) -> dict:
+    "Run a notebook cell by cell in a fresh kernel-like shell, in its folder, errors recorded and not stopping the run."
+    import os, time
+    try: from execnb.shell import CaptureShell
+    except ImportError: raise InputError("running notebooks needs execnb; pip install -e '.[dev]'") from None
+    path = Path(path).resolve()
+    nb = json.loads(path.read_text(encoding='utf-8'))
+    sh, errors, ran = CaptureShell(path), [], 0
+    old, t0 = os.getcwd(), time.time()
+    os.chdir(path.parent)
+    try:
+        for i, cell in enumerate(nb['cells']):
+            if cell['cell_type'] != 'code': continue
+            src = ''.join(cell['source']); d = _flags_of(src)
+            if d.get('eval:', [''])[0].lower() == 'false' or set(skip) & d.keys() or not src.strip(): continue
+            outs = sh.run(src); ran += 1
+            errors += [(i, src, o.get('ename', ''), o.get('evalue', '')) for o in (outs or []) if o.get('output_type') == 'error']
+    finally: os.chdir(old)
+    return {'errors': errors, 'cells': ran, 'seconds': time.time() - t0}
+
+def lesson_titles(src_dir=None) -> dict[str, str]:
+    "{notebook: its title} for every lesson a learner gets (not the checks' notebook)."
+    src_dir = Path(src_dir or COURSE_NBS)
+    out = {}
+    for p in sorted(src_dir.glob('*.ipynb')):
+        if p.name in NOT_COPIED: continue
+        first = next((''.join(c['source']) for c in json.loads(p.read_text(encoding='utf-8'))['cells'] if c['cell_type'] == 'markdown'), '')
+        out[p.name] = next((l.lstrip('# ').strip() for l in first.split('\n') if l.startswith('# ')), p.stem)
+    return out
+
+def time_lessons(names=None, src_dir=None, show_progress: bool = True) -> dict[str, dict]:
+    "Run learner copies (solutions kept) of the lessons `names` (default: all) in a temporary folder: {notebook: run_cells result}."
+    import tempfile
+    from dalle_course.core import progress
+    with tempfile.TemporaryDirectory() as d:
+        write_learner_copies(src_dir, Path(d) / 'course', solutions=True)
+        names = names or sorted(lesson_titles(src_dir))
+        missing = [n for n in names if not (Path(d) / 'course' / n).is_file()]
+        if missing: raise InputError(f"no lesson named {', '.join(missing)}; `dalle-course lessons` lists them")
+        return {n: run_cells(Path(d) / 'course' / n) for n in progress(names, desc='lessons', disable=not show_progress)}

@@ -7,11 +7,9 @@ import json, os, sys
 from pathlib import Path
 
 import pytest
-from execnb.shell import CaptureShell
-from nbdev.frontmatter import FrontmatterProc
-from nbdev.process import NBProcessor
 
 from dalle_course.exercises import COURSE_NBS, NOT_COPIED, STUB, learner_copy, write_learner_copies
+from dalle_course.exercises import run_cells as lib_run_cells
 from test_notebooks import _flags
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,32 +17,15 @@ LESSONS = [p for p in sorted((ROOT / 'nbs').glob('*.ipynb')) if p.name not in NO
 WITH_EXERCISES = [p for p in LESSONS if learner_copy(json.loads(p.read_text(encoding='utf-8')))[1]]
 
 
-def _skipped(cell, flags) -> bool:
-    if cell.cell_type != 'code': return True
-    d = getattr(cell, 'directives_', {}) or {}
-    return d.get('eval:', [''])[0].lower() == 'false' or bool(flags & d.keys())
-
-
-def run_cells(path: Path) -> tuple[list[tuple[int, str, str, str]], int]:
-    "Run every cell of a notebook like a learner pressing Shift-Enter down the page: errors do not stop the run."
+def run_cells(path: Path):
+    "The library's runner (a learner pressing Shift-Enter down the page), with the tst_flags of settings.ini skipped."
     skip, force = _flags()
-    flags = set(skip) - set(force)
-    nb = NBProcessor(path, procs=FrontmatterProc, process=True).nb
-    sh, errors, ran = CaptureShell(path), [], 0
-    old, old_env = os.getcwd(), os.environ.get('IN_TEST')
-    os.chdir(path.parent); os.environ['IN_TEST'] = '1'
-    try:
-        for i, cell in enumerate(nb.cells):
-            if _skipped(cell, flags): continue
-            sh.cell(cell); ran += 1
-            for o in cell.get('outputs', []):
-                if o.get('output_type') == 'error':
-                    errors.append((i, cell.source, o.get('ename', ''), o.get('evalue', '')))
+    old_env = os.environ.get('IN_TEST'); os.environ['IN_TEST'] = '1'
+    try: r = lib_run_cells(path, skip=set(skip) - set(force))
     finally:
-        os.chdir(old)
         if old_env is None: os.environ.pop('IN_TEST', None)
         else: os.environ['IN_TEST'] = old_env
-    return errors, ran
+    return r['errors'], r['cells']
 
 
 @pytest.fixture(scope='module')
