@@ -119,3 +119,41 @@ def test_strip_keeps_indentation_and_code_around():
     src = f"def f(x):\n    y = 1\n        {BEGIN}\n        return x\n        {END}\nf"
     assert strip_solutions(src) == ("def f(x):\n    y = 1\n        raise NotImplementedError("
                                     "\"Exercise: replace this line with your solution\")\nf")
+
+
+# Every check, and the library function or class that answers its exercise. A new check must name its answer here,
+# and the lesson must show the exercise first: the export that answers it may only come after.
+ANSWERS = {'check_colorize': 'colorize', 'check_slot_box': 'slot_box', 'check_warmup_cosine_lr': 'Schedule',
+           'check_ema_update': 'update_ema', 'check_slot_strips': 'slot_strips', 'check_gumbel_noise': 'sample_gumbel',
+           'check_relaxed_sample': 'relaxed_softmax', 'check_straight_through': 'straight_through',
+           'check_logit_laplace_nll': 'logit_laplace_nll', 'check_kl_to_uniform': 'kl_to_uniform',
+           'check_batch_usage_kl': 'batch_usage_kl', 'check_dalle_elb': 'dvae_loss', 'check_nearest_codes': 'nearest_codes',
+           'check_vq_straight_through': 'VectorQuantizer', 'check_ema_codebook_step': 'ema_codebook_update',
+           'check_vq_forward': 'VectorQuantizer', 'check_rotation_trick': 'rotation_trick', 'check_fsq_round': 'FSQ',
+           'check_words': 'words', 'check_pair_counts': 'pair_counts', 'check_merge_pair': 'merge_pair',
+           'check_causal_mask': 'causal_mask', 'check_row_mask': 'image_mask', 'check_pad_lookup': 'PadEmbedding',
+           'check_attention': 'MultiHeadAttention', 'check_decode_step': 'KVCache', 'check_mha': 'MultiHeadAttention',
+           'check_image_positions': 'ImagePositions', 'check_joint_shift': 'JointPrior', 'check_g1_forward': 'JointPrior',
+           'check_prior_loss': 'prior_loss', 'check_null_text': 'drop_text', 'check_top_k': 'filter_logits',
+           'check_top_p': 'filter_logits', 'check_guide': 'guide', 'check_sample_loop': 'sample',
+           'check_caption_following': 'caption_following', 'check_ctrs_perturbation': 'perturb_attributes',
+           'check_contrastive_loss': 'contrastive_loss'}
+
+
+def test_every_exercise_precedes_its_answer():
+    import inspect, re
+    from dalle_course import checks
+    names = {n for n, f in inspect.getmembers(checks, inspect.isfunction) if n.startswith('check_') and f.__module__ == checks.__name__}
+    assert names == set(ANSWERS), f'checks without a named answer: {names - set(ANSWERS)}; stale entries: {set(ANSWERS) - names}'
+    seen = set()
+    for p in sorted((ROOT / 'nbs').glob('*.ipynb')):
+        if p.name in NOT_COPIED: continue
+        cells = [''.join(c['source']) for c in json.loads(p.read_text())['cells'] if c['cell_type'] == 'code']
+        for i, src in enumerate(cells):
+            if not any(l.strip() == BEGIN for l in src.split('\n')): continue
+            for check in re.findall(r'^(check_\w+)\(', src, re.M):
+                seen.add(check)
+                answer = ANSWERS[check]
+                defined = [j for j, s in enumerate(cells) if s.startswith('#| export') and re.search(rf'^(def|class) {answer}\b', s, re.M)]
+                assert all(j > i for j in defined), f'{p.name}: {answer}, the answer to {check}, is exported before its exercise'
+    assert seen == set(ANSWERS), f'checks no lesson uses in an exercise: {set(ANSWERS) - seen}'
