@@ -142,8 +142,11 @@ def check_gumbel_noise(fn) -> None:
         expect(isinstance(out, torch.Tensor), f"{case} should return a tensor", 'torch.Tensor', type(out).__name__)
         expect(torch.equal(v_passed, v), f"{case}: u must not be modified (no in-place ops on the input)", v, v_passed)
         expect(out.dtype == v.dtype, f"{case}: keep u's dtype", v.dtype, out.dtype)
+        vd = v.double()
+        hint = which_mistake(out, {"two minus signs: -log(-log u); log(-log u) is a reversed Gumbel": torch.log(-torch.log(vd)),
+                                   "take the logarithm twice: -log(-log u), not -log u": -torch.log(vd)}, atol=tol, rtol=tol)
         expect_close(out, r.to(v.dtype), f"{case}: -log(-log u) elementwise, for u = {v.flatten()[:4].tolist()}...",
-                     atol=tol, rtol=tol)
+                     atol=tol, rtol=tol, hint=hint)
         n += 1
     u = torch.rand(100_000, generator=g, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
     out = fn(u.clone()).double()
@@ -182,8 +185,14 @@ def check_relaxed_sample(fn) -> None:
                'inputs unchanged', 'inputs modified in place')
         expect(out.dtype == dtype, f"{case}: keep the logits' dtype", dtype, out.dtype)
         expect(bool(torch.isfinite(out).all()), f"{case}: no inf or NaN (compute the softmax stably)", 'finite values', out)
+        ld, gd = logits.double(), gumbels.double()
+        hint = which_mistake(out, {"divide by the temperature: softmax((logits + gumbels) / tau)": torch.softmax(ld + gd, dim),
+                                   "divide the whole sum by tau, the noise too: (logits + gumbels) / tau": torch.softmax(ld / tau + gd, dim),
+                                   "divide by tau, do not multiply": torch.softmax((ld + gd) * tau, dim),
+                                   f"take the softmax along dim={dim}, not always the last one": torch.softmax((ld + gd) / tau, -1)},
+                             atol=1e-6, rtol=1e-4)
         expect_close(out, ref.to(dtype), f"{case}: softmax((logits + gumbels) / tau) along dim {dim}",
-                     atol=1e-6, rtol=1e-4)
+                     atol=1e-6, rtol=1e-4, hint=hint)
         n += 1
     passed('relaxed_sample', n)
 
@@ -245,8 +254,16 @@ def check_logit_laplace_nll(fn) -> None:
         xd, md, bd = (t.double().numpy() for t in ins)
         b = np.exp(bd)
         ref = np.log(2 * b) + np.log(xd) + np.log(1 - xd) + np.abs(np.log(xd / (1 - xd)) - md) / b  # −ln f
+        X, M, LB = (torch.from_numpy(a) for a in (xd, md, bd))
+        hint = which_mistake(out, {"keep the Jacobian terms ln x + ln(1 − x): the density of x is the Laplace density of logit x times 1/(x(1−x))":
+                                   math.log(2) + LB + (torch.logit(X) - M).abs() / LB.exp(),
+                                   "compare μ with logit x = ln(x / (1 − x)), not with x": math.log(2) + LB + torch.log(X * (1 - X)) + (X - M).abs() / LB.exp(),
+                                   "return the negative log-density (it is a loss, mostly positive)": -torch.from_numpy(ref)},
+                             atol=1e-4, rtol=1e-4, default="b = exp(log_b): the decoder's channel is ln b")
+        expect(isinstance(out, torch.Tensor) and tuple(out.shape) == tuple(shape), f"{case}: one value per element, no reduction",
+               tuple(shape), tuple(getattr(out, 'shape', ())), hint="return the elementwise tensor; the loss averages it later")
         expect_close(out, torch.from_numpy(ref), f"{case}: −ln f(x|μ,b) = ln(2b) + ln x + ln(1−x) + |logit x − μ|/b per element",
-                     atol=1e-4, rtol=1e-4)
+                     atol=1e-4, rtol=1e-4, hint=hint)
         n += 1
     passed('logit_laplace_nll', n)
 
@@ -272,9 +289,16 @@ def check_kl_to_uniform(fn) -> None:
         out = fn(l.clone())
         case = f"kl_uniform(logits of shape {shape}, scale {scale}{', every logit + 100' if shift else ''})"
         expect(isinstance(out, torch.Tensor), f"{case} should return a torch tensor", 'torch.Tensor', type(out).__name__)
+        ld = l.double(); K = shape[1]
+        lq = ld.log_softmax(1)
+        hint = None if not torch.is_tensor(out) else ("the result is not finite: subtract the maximum before exp, or use torch.log_softmax"
+                if not torch.isfinite(out).all() else which_mistake(out, {
+                    "add ln K: KL(q ‖ uniform) = Σ q ln q + ln K (the negative entropy alone is not the KL)": (lq.exp() * lq).sum(1),
+                    "KL(q ‖ uniform), not KL(uniform ‖ q): weigh by q, Σ_k q_k ln(K q_k)": (-lq.mean(1) - math.log(K))}, atol=1e-4, rtol=1e-4,
+                    default="the codes are on dim 1: softmax over dim 1, sum over dim 1"))
         expect_close(out, torch.from_numpy(ref), f"{case}: Σ_k q_k ln(K q_k) at each position, codes on dim 1"
                      + (' (uniform logits give 0)' if scale == 0 else '') + (' (use a stable softmax)' if shift else ''),
-                     atol=1e-4, rtol=1e-4)
+                     atol=1e-4, rtol=1e-4, hint=hint)
         n += 1
     passed('kl_to_uniform', n)
 
@@ -291,8 +315,14 @@ def check_batch_usage_kl(fn) -> None:
         out = fn(l.clone())
         case = f"usage_kl(logits of shape {shape}, scale {scale})"
         expect(isinstance(out, (torch.Tensor, float)), f"{case} should return a 0-dim tensor", 'torch.Tensor', type(out).__name__)
+        lq = l.double().log_softmax(1)
+        hint = which_mistake(torch.as_tensor(out).reshape(()), {
+            "average the probabilities first, then one KL: the mean of the per-position KLs is DALL·E's term, not the thesis's":
+            ((lq.exp() * lq).sum(1) + math.log(shape[1])).mean(),
+            "average the probabilities, not the logits": torch.special.xlogy(*[l.double().mean((0, 2, 3)).softmax(0)] * 2).sum() + math.log(shape[1])},
+            atol=1e-5, rtol=1e-4, default="q̄ = softmax over dim 1, averaged over batch and positions (dims 0, 2, 3); then Σ q̄ ln(K q̄)")
         expect_close(out, torch.tensor(ref, dtype=torch.float64),
-                     f"{case}: average the probabilities over batch and positions first, then KL to uniform", atol=1e-5, rtol=1e-4)
+                     f"{case}: average the probabilities over batch and positions first, then KL to uniform", atol=1e-5, rtol=1e-4, hint=hint)
         n += 1
     passed('batch_usage_kl', n)
 
@@ -739,7 +769,14 @@ def check_attention(fn) -> None:
                 'sparse': causal & ((i[:, None] - i[None, :]) % 2 == 0)}[kind]
         args = q.clone(), k.clone(), v.clone(), mask.clone()
         out = fn(*args)
-        expect_close(out, _attn_reference(q, k, v, mask), f'attention B={B}, H={H}, T={T}, d={d}, {kind} mask', atol=1e-4, rtol=1e-4)
+        s = q.double() @ k.double().transpose(-2, -1)                                    # (B, H, T, T) raw scores
+        att = lambda sc, m: sc.masked_fill(~m, float('-inf')).softmax(-1).nan_to_num(0.0) @ v.double()
+        hint = None if kind == 'full' else which_mistake(out, {
+            "scale the scores by 1/√d before the softmax": att(s, mask), "divide by √d, not by d": att(s / d, mask),
+            "True in the mask means may attend: −∞ goes where it is False": att(s / d ** 0.5, ~mask),
+            "softmax over the keys (the last dimension): each query's weights sum to 1": (s / d ** 0.5).masked_fill(~mask, float('-inf')).softmax(-2).nan_to_num(0.0) @ v.double()},
+            atol=1e-4, rtol=1e-4, default="B is −∞ (not 0 or 1) where the mask is False, 0 where it is True")
+        expect_close(out, _attn_reference(q, k, v, mask), f'attention B={B}, H={H}, T={T}, d={d}, {kind} mask', atol=1e-4, rtol=1e-4, hint=hint)
         expect(all(torch.equal(a, x) for a, x in zip(args, (q, k, v, mask))), f'attention {kind}: inputs unchanged',
                'q, k, v, mask untouched', 'an input was modified')
         n_cases += 1
@@ -874,7 +911,16 @@ def check_prior_loss(fn) -> None:
         nll_i = -sum(float(il[b, i].double().log_softmax(-1)[int(image[b, i])]) for b in range(B) for i in range(N)) / (B * N)
         ref = wt * nll_t / n_t + wi * nll_i
         out = fn(tl.clone(), il.clone(), text.clone(), image.clone(), pad, wt, wi)
-        expect_close(torch.as_tensor(out).reshape(()), torch.tensor(ref), f'prior loss B={B}, L={L}, N={N}, pad_id={pad}, w=({wt}, {wi})', atol=1e-4, rtol=1e-4)
+        ce = lambda lg, y: torch.nn.functional.cross_entropy(lg.double().flatten(0, 1), y.flatten(), reduction='none')
+        ct, ci = ce(tl, text[:, 1:]), ce(il, image).mean()
+        real = (text[:, 1:].flatten() != pad).double()
+        hint = which_mistake(torch.as_tensor(out).reshape(()), {
+            "ignore the pad targets: ignore_index=pad_id (a pad predicts nothing)": wt * ct.mean() + wi * ci,
+            "w_text weighs the text CE and w_img the image CE": wi * (ct * real).sum() / real.sum() + wt * ci,
+            "average the text CE over the non-pad targets only (divide by their number)": wt * (ct * real).mean() + wi * ci,
+            "the text targets are text[:, 1:]: the output at position t predicts token t + 1": wt * torch.nn.functional.cross_entropy(
+                tl.double().flatten(0, 1), text[:, :-1].flatten(), ignore_index=pad) + wi * ci}, atol=1e-4, rtol=1e-4)
+        expect_close(torch.as_tensor(out).reshape(()), torch.tensor(ref), f'prior loss B={B}, L={L}, N={N}, pad_id={pad}, w=({wt}, {wi})', atol=1e-4, rtol=1e-4, hint=hint)
         n_cases += 1
     passed('prior_loss', n_cases)
 

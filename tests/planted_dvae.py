@@ -81,7 +81,7 @@ def usage_reversed(logits):  # KL(uniform ‖ q̄)
 
 
 PLANTED = {
-    'check_logit_laplace_nll': (nll_right, [nll_no_jacobian, nll_log_b_as_b, nll_no_logit, nll_sign, nll_mean]),
-    'check_kl_to_uniform': (kl_right, [kl_last_dim, kl_reversed, kl_no_log_k, kl_naive_softmax]),
-    'check_batch_usage_kl': (usage_right, [usage_mean_of_kls, usage_softmax_of_mean_logits, usage_batch_only, usage_reversed]),
+    'check_logit_laplace_nll': (nll_right, [(nll_no_jacobian, 'Jacobian'), (nll_log_b_as_b, 'exp(log_b)'), (nll_no_logit, 'logit x'), (nll_sign, 'negative log-density'), (nll_mean, 'no reduction')]),
+    'check_kl_to_uniform': (kl_right, [(kl_last_dim, 'dim 1'), (kl_reversed, 'not KL(uniform'), (kl_no_log_k, 'add ln K'), (kl_naive_softmax, 'not finite')]),
+    'check_batch_usage_kl': (usage_right, [(usage_mean_of_kls, 'then one KL'), (usage_softmax_of_mean_logits, 'not the logits'), (usage_batch_only, 'dims 0, 2, 3'), usage_reversed]),
 }

@@ -82,9 +82,9 @@ def st_float32(soft, dim=-1):  # computed and returned in float32: a bfloat16 in
 
 
 PLANTED = {
-    'check_gumbel_noise': (noise_right, [noise_sign_error, noise_one_log, noise_in_place, noise_float32]),
-    'check_relaxed_sample': (relaxed_right, [relaxed_no_tau, relaxed_last_dim, relaxed_tau_on_logits_only,
-                                             relaxed_times_tau, relaxed_naive_exp]),
+    'check_gumbel_noise': (noise_right, [(noise_sign_error, 'two minus signs'), (noise_one_log, 'logarithm twice'), noise_in_place, noise_float32]),
+    'check_relaxed_sample': (relaxed_right, [(relaxed_no_tau, 'divide by the temperature'), (relaxed_last_dim, 'not always the last'),
+                                             (relaxed_tau_on_logits_only, 'the noise too'), (relaxed_times_tau, 'do not multiply'), relaxed_naive_exp]),
     'check_straight_through': (st_right, [st_no_gradient, st_detach_wrong_term, st_detach_everything, st_last_dim,
                                           st_returns_soft, st_float32]),
 }

@@ -70,6 +70,6 @@ def null_inverted(text, drop, pad):  # drops the rows that should be kept
 
 PLANTED = {
     'check_joint_shift': (shift_right, [shift_full_inputs, shift_text_targets_unshifted, shift_image_targets_off_by_one]),
-    'check_prior_loss': (loss_right, [loss_pads_counted, loss_weights_swapped, loss_pads_in_denominator, loss_unshifted_text]),
+    'check_prior_loss': (loss_right, [(loss_pads_counted, 'ignore the pad'), (loss_weights_swapped, 'w_text weighs'), (loss_pads_in_denominator, 'non-pad targets only'), (loss_unshifted_text, 'text[:, 1:]')]),
     'check_null_text': (null_right, [null_in_place, null_zero_not_pad, null_inverted]),
 }

@@ -91,7 +91,7 @@ def step_only_new(pk, pv, q, k, v):  # ignores the cache when attending
 
 
 PLANTED = {
-    'check_attention': (attn_right, [attn_no_sqrt_d, attn_mask_inverted, attn_softmax_wrong_axis, attn_mask_as_bias, attn_scale_by_d]),
+    'check_attention': (attn_right, [(attn_no_sqrt_d, '1/√d'), (attn_mask_inverted, 'True in the mask'), (attn_softmax_wrong_axis, 'over the keys'), (attn_mask_as_bias, 'not 0 or 1'), (attn_scale_by_d, 'not by d')]),
     'check_image_positions': (pos_right, [pos_column_major, pos_modulo_h, pos_product]),
     'check_decode_step': (step_right, [step_prepend, step_not_appended, step_only_past, step_no_sqrt_d, step_only_new]),
 }
