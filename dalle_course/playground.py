@@ -13,7 +13,7 @@ import torch
 from .core import InputError
 from .evaluation import failure_reasons, plot_following, score_images
 from .mdmnist import parse_caption
-from .prior_training import SHIPPED_DEMO_RUN, generate, load_prior_run
+from .prior_training import SHIPPED_DEMO_RUN, generate, load_prior_run, run_sampling
 from .ruler import load_ruler
 
 # %% auto #0
@@ -25,19 +25,25 @@ def _load(run: str, device: str):
     prior, tok, text_tok = load_prior_run(run, device)
     return prior.eval(), tok.eval(), text_tok, load_ruler(image_size=tok.image_size, device=device)
 
-def draw(prompt: str, n: int = 8, temperature: float = 1.0, top_k: int | None = None, guidance: float = 1.0,
+def draw(prompt: str, n: int = 8, temperature: float | None = None, top_k: int | None = None, guidance: float | None = None,
          seed: int = 0, run=None, device: str = 'cpu', show_progress: bool = False, **sampler_options) -> dict:
     """`n` images for one MD-MNIST description from a prior run (default: the shipped demo), read back by the ruler:
-    {'images' (n, 3, S, S), 'said' (n, 3, 4), 'seen' (n, 3, 4), 'scores' (caption_following), 'reasons'}."""
+    {'images' (n, 3, S, S), 'said' (n, 3, 4), 'seen' (n, 3, 4), 'scores' (caption_following), 'reasons', 'sampling'}.
+    Settings left at None are the run's own (`recipe.json`); `top_k=0` turns top-k off."""
     said = parse_caption(prompt)                                        # (3, 4); a one-line error for a bad description
     if n < 1: raise InputError(f"n must be at least 1, got {n}")
-    prior, tok, text_tok, ruler = _load(str(Path(run or SHIPPED_DEMO_RUN).resolve()), device)
-    opts = dict(temperature=temperature, top_k=top_k or None, guidance=guidance, show_progress=show_progress, **sampler_options)
+    run = str(Path(run or SHIPPED_DEMO_RUN).resolve())
+    prior, tok, text_tok, ruler = _load(run, device)
+    s = run_sampling(run, temperature=temperature, top_k=top_k, guidance=guidance)   # the run's settings, ours on top
+    s['top_k'] = s.get('top_k') or None
+    opts = dict(temperature=s['temperature'], top_k=s['top_k'], top_p=s.get('top_p'), guidance=s['guidance'],
+                show_progress=show_progress, **sampler_options)
     images = generate(prior, tok, text_tok, [prompt], n=n, seed=seed, **opts)   # (n, 3, S, S) in [0, 1]
     said = np.repeat(said[None], n, 0)                                   # (n, 3, 4)
     r = score_images(ruler, images, said)
     return {'images': images, 'said': said, 'seen': r['seen'].numpy(), 'reasons': failure_reasons(said, r['seen']),
-            'scores': {k: r[k] for k in ('value', 'size', 'colour', 'position', 'binding', 'exact')}, 'prompt': prompt}
+            'scores': {k: r[k] for k in ('value', 'size', 'colour', 'position', 'binding', 'exact')}, 'prompt': prompt,
+            'sampling': {k: opts[k] for k in ('temperature', 'top_k', 'top_p', 'guidance')}}
 
 def plot_draw(result: dict, ncols: int = 8, title: str | None = None):
     "The images of `draw` with each digit framed green (all four attributes right) or red (what the ruler read instead)."
@@ -53,11 +59,12 @@ def prompt_widget(run=None, device: str = 'cpu', n: int = 8):
     import matplotlib.pyplot as plt
     from IPython.display import display
     prior = _load(str(Path(run or SHIPPED_DEMO_RUN).resolve()), device)[0]
+    s = run_sampling(Path(run or SHIPPED_DEMO_RUN))                          # start from the run's own settings
     text = W.Text(value='3 40 g middle 1 20 b up 8 30 w down', description='description', layout=W.Layout(width='520px'))
     sampler = W.Dropdown(options=[prior.sampler], value=prior.sampler, description='sampler')
-    temperature = W.FloatSlider(value=1.0, min=0.3, max=2.0, step=0.05, description='temperature')
-    top_k = W.IntSlider(value=0, min=0, max=prior.image_vocab, description='top-k (0: off)')
-    guidance = W.FloatSlider(value=3.0, min=1.0, max=8.0, step=0.5, description='guidance')
+    temperature = W.FloatSlider(value=s['temperature'], min=0.1, max=2.0, step=0.05, description='temperature')
+    top_k = W.IntSlider(value=s.get('top_k') or 0, min=0, max=prior.image_vocab, description='top-k (0: off)')
+    guidance = W.FloatSlider(value=s['guidance'], min=1.0, max=8.0, step=0.5, description='guidance')
     count = W.IntSlider(value=n, min=1, max=16, description='images')
     seed = W.IntText(value=0, description='seed')
     for w in (text, sampler, temperature, top_k, guidance, count, seed): w.style = {'description_width': 'initial'}
@@ -71,7 +78,7 @@ def prompt_widget(run=None, device: str = 'cpu', n: int = 8):
         out.clear_output(); verdict.value = ''
         with out:
             try:
-                res = draw(text.value, n=count.value, temperature=temperature.value, top_k=top_k.value or None,
+                res = draw(text.value, n=count.value, temperature=temperature.value, top_k=top_k.value,
                            guidance=guidance.value, seed=seed.value, run=run, device=device, show_progress=True,
                            **{k: w.value for k, w in extra.items()})
             except InputError as e:
