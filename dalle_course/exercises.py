@@ -4,7 +4,7 @@
 
 # %% ../nbs/90_exercises.ipynb #90_exercises-002
 from __future__ import annotations
-import functools, hashlib, json, re, shutil
+import functools, hashlib, json, re
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +110,7 @@ _IMAGE_LINK = re.compile(r'(!\[[^\]]*\]\()([^)\s]+)(\))')
 def _is_export_cell(src: str) -> bool:
     return 'nbdev_export(' in src and all(l.startswith('#|') or 'nbdev' in l or not l.strip() for l in src.split('\n'))
 
-def _sha(text: str) -> str: return hashlib.sha256(text.encode('utf-8')).hexdigest()
+def _sha(data: bytes) -> str: return hashlib.sha256(data).hexdigest()
 
 def learner_copy(nb: dict, name: str = 'notebook', solutions: bool = False) -> tuple[dict, int, list[str]]:
     "One notebook as a learner copy (`solutions=True`: the answers kept): (notebook, number of exercises, relative image links)."
@@ -144,11 +144,11 @@ def write_learner_copies(src_dir=None, out_dir='my_course', overwrite: bool = Fa
     files, counts = {}, {}
     for p in nbs:
         nb, n, images = learner_copy(json.loads(p.read_text(encoding='utf-8')), p.name, solutions)
-        files[p.name], counts[p.name] = json.dumps(nb, indent=1, ensure_ascii=False) + '\n', n
+        files[p.name], counts[p.name] = (json.dumps(nb, indent=1, ensure_ascii=False) + '\n').encode('utf-8'), n
         for link in images:
             img = (p.parent / link).resolve()
             if not img.is_file(): raise InputError(f"{p.name} links the picture {link}, which is not there; restore it or fix the link")
-            files[f'images/{img.name}'] = img
+            files[f'images/{img.name}'] = img.read_bytes()
     # what may be written: nothing in a non-empty folder, unless --overwrite and every clash is an unchanged copy of ours
     old = out_dir / MANIFEST
     if out_dir.exists() and not out_dir.is_dir(): raise InputError(f"{out_dir} is a file; choose a folder for --out")
@@ -157,16 +157,14 @@ def write_learner_copies(src_dir=None, out_dir='my_course', overwrite: bool = Fa
         ours = json.loads(old.read_text()) if old.is_file() else {}
         clash = [f for f in files if (out_dir / f).exists()]
         foreign = [f for f in clash if f not in ours]
-        changed = [f for f in clash if f in ours and _sha((out_dir / f).read_text(encoding='utf-8', errors='replace')) != ours[f]]
+        changed = [f for f in clash if f in ours and _sha((out_dir / f).read_bytes()) != ours[f]]
         if foreign: raise InputError(f"{out_dir} holds {', '.join(foreign[:3])} that this command did not write; choose another --out")
         if changed: raise InputError(f"{', '.join(changed[:3])} in {out_dir} changed since it was written (your work?); "
                                      "move it away or choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True); (out_dir / 'images').mkdir(exist_ok=True)
     manifest = {}
-    for f, body in files.items():
-        if isinstance(body, Path): shutil.copyfile(body, out_dir / f); body = (out_dir / f).read_text(encoding='utf-8', errors='replace')
-        else: (out_dir / f).write_text(body, encoding='utf-8')
-        manifest[f] = _sha(body)
+    for f, body in files.items():                                        # {relative path: bytes}
+        (out_dir / f).write_bytes(body); manifest[f] = _sha(body)
     old.write_text(json.dumps(manifest, indent=1) + '\n')
     return counts
 

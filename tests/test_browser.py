@@ -7,7 +7,7 @@ in nbs/images/browser/ were made so), else into the temporary folder.
 
 Without Chromium or Playwright the test is skipped, unless DALLE_COURSE_REQUIRE_BROWSER=1 (set by .ci/run), where it
 fails instead."""
-import json, os, shutil, socket, subprocess, sys, time, urllib.request
+import json, os, socket, subprocess, sys, time, urllib.request
 from pathlib import Path
 
 import pytest
