@@ -18,7 +18,8 @@ __all__ = ['check_colorize', 'check_slot_box', 'check_warmup_cosine_lr', 'check_
            'check_causal_mask', 'check_row_mask', 'check_pad_lookup', 'check_attention', 'check_image_positions',
            'check_decode_step', 'check_mha', 'check_joint_shift', 'check_prior_loss', 'check_null_text', 'g1_parts',
            'check_g1_forward', 'check_top_k', 'check_top_p', 'check_guide', 'check_sample_loop',
-           'check_ctrs_perturbation', 'check_contrastive_loss']
+           'check_ctrs_perturbation', 'check_contrastive_loss', 'check_renoise', 'check_paella_weight',
+           'check_mask_schedule']
 
 # %% ../nbs/91_checks.ipynb #91_checks-004
 @exercise_check
@@ -1172,3 +1173,62 @@ def check_contrastive_loss(fn) -> None:
             expect(logits.grad is not None and torch.isfinite(logits.grad).all(), f"{case}: the loss is differentiable in the logits", 'finite gradient', logits.grad)
             n += 1
     passed('contrastive_loss', n)
+
+# %% ../nbs/91_checks.ipynb #91_checks-p31b
+@exercise_check
+def check_renoise(fn) -> None:
+    "Check `fn(tokens (B, N), t (B,), noise (B, N), u (B, N)) -> (B, N)`: noise where u < t (ratio t per image), the token elsewhere."
+    g = torch.Generator().manual_seed(0); n = 0
+    for B, N, K in [(1, 6, 5), (3, 16, 8), (4, 64, 64)]:
+        tokens, noise = torch.randint(0, K, (B, N), generator=g), torch.randint(0, K, (B, N), generator=g)
+        t = torch.rand(B, generator=g); t[0] = 0.5
+        u = torch.rand(B, N, generator=g)
+        before = [x.clone() for x in (tokens, t, noise, u)]
+        out = fn(tokens, t, noise, u)
+        case = f"renoise(tokens {(B, N)}, t {tuple(t.shape)}, noise, u)"
+        expect(all(torch.equal(a, b) for a, b in zip(before, (tokens, t, noise, u))), f"{case} must not change its inputs", 'unchanged', 'changed')
+        ref = torch.tensor([[int(noise[b, i]) if float(u[b, i]) < float(t[b]) else int(tokens[b, i]) for i in range(N)] for b in range(B)])
+        hint = which_mistake(out, {
+            "the noised places are those with u < t: a fraction t of them (u >= t noises 1 - t)": torch.where(u >= t[:, None], noise, tokens),
+            "t is one ratio per image: compare u[b, i] with t[b] (t[:, None])": torch.where(u < t[0], noise, tokens),
+            "where(noised, noise, tokens): a noised place takes the noise token, a kept one its own": torch.where(u < t[:, None], tokens, noise)},
+            "a noised place takes the token of `noise` at the same place (Algorithm 1 renoises to the initial noise)")
+        expect_close(torch.as_tensor(out).long(), ref, case, hint=hint)
+        n += 1
+    passed('renoise', n)
+
+@exercise_check
+def check_paella_weight(fn) -> None:
+    "Check `fn(m (B, N) bool, t (B,), eta) -> (B, N)` = 1 - (1 - m)(1 - t)(1 - eta)."
+    g = torch.Generator().manual_seed(1); n = 0
+    for B, N, eta in [(2, 5, 0.3), (4, 9, 0.3), (3, 7, 0.1)]:
+        m, t = torch.rand(B, N, generator=g) < 0.5, torch.rand(B, generator=g)
+        m[0, 0], m[0, 1] = True, False
+        out = fn(m.clone(), t.clone(), eta)
+        ref = torch.tensor([[1 - (1 - float(m[b, i])) * (1 - float(t[b])) * (1 - eta) for i in range(N)] for b in range(B)], dtype=torch.float64)
+        mf, tt = m.double(), t.double()[:, None]
+        hint = which_mistake(out, {
+            "the noised tokens (m = 1) keep weight 1; the kept ones (m = 0) are down-weighted": 1 - mf * (1 - tt) * (1 - eta),
+            "eta is the floor of a kept token's weight: the factor is (1 - eta), not 1": 1 - (1 - mf) * (1 - tt),
+            "small t (few tokens noised) must give the kept tokens a small weight: use (1 - t)": 1 - (1 - mf) * tt * (1 - eta)})
+        expect_close(torch.as_tensor(out).double(), ref, f"loss weight (B={B}, N={N}, eta={eta})", atol=1e-6, hint=hint)
+        n += 1
+    expect_close(torch.as_tensor(fn(torch.tensor([[False, True]]), torch.tensor([0.0]), 0.3)).double(), torch.tensor([[0.3, 1.0]], dtype=torch.float64),
+                 "at t = 0 a kept token weighs eta = 0.3 and a noised one 1", atol=1e-6)
+    passed('paella_weight', n + 1)
+
+@exercise_check
+def check_mask_schedule(fn) -> None:
+    "Check `fn(r (n,), kind) -> (n,)`: gamma(r) = cos(pi r / 2) for 'cosine', arccos(r) / (pi / 2) for 'arccos'."
+    import math
+    r = torch.tensor([0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
+    for kind, f in [('cosine', lambda x: math.cos(math.pi * x / 2)), ('arccos', lambda x: math.acos(x) / (math.pi / 2))]:
+        out = fn(r.clone(), kind)
+        ref = torch.tensor([f(float(x)) for x in r], dtype=torch.float64)
+        hint = which_mistake(out, {
+            "gamma(r) is the fraction still masked: 1 at r = 0 (all masked), 0 at r = 1 (use 1 - your value)": 1 - ref,
+            "cosine: cos(pi r / 2), not sin": torch.sin(math.pi * r.double() / 2),
+            "scale r by pi / 2, so that gamma(1) = 0": torch.cos(r.double()) if kind == 'cosine' else torch.arccos(r.double()),
+            "arccos: arccos(r) / (pi / 2), which runs from 1 down to 0": torch.cos(math.pi * r.double() / 2)}, atol=1e-5)
+        expect_close(torch.as_tensor(out).double(), ref, f"mask_schedule(r, {kind!r}) at r = {r.tolist()}", atol=1e-5, hint=hint)
+    passed('mask_schedule', 2)

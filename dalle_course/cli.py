@@ -11,7 +11,7 @@ from .core import InputError
 
 # %% auto #0
 __all__ = ['PROG', 'TRAIN_COMMANDS', 'SAMPLE_SUFFIXES', 'run_data_mdmnist', 'run_train', 'run_sample', 'run_demo',
-           'run_bench_tokenizers', 'run_exercises', 'run_lessons', 'build_parser', 'main']
+           'run_bench_tokenizers', 'run_bench_samplers', 'run_exercises', 'run_lessons', 'build_parser', 'main']
 
 # %% ../nbs/95_cli.ipynb #95_cli-004
 PROG = 'dalle-course'
@@ -45,8 +45,8 @@ def _report_tokenizer(args, res) -> str:
 def _report_prior(args, res) -> str:
     e, s = res['eval'], res['summary']
     return (f"{args.arch} prior ({args.preset}): {s['step']} steps in {s['seconds']:.1f} s "
-            f"({e['train_tokens_per_s']:.0f} tokens/s); teacher-forced CE on {e['n_test']} test images "
-            f"{e['teacher_forced_ce']:.4f} nats/token -> {args.out}")
+            f"({e['train_tokens_per_s']:.0f} tokens/s); {'teacher-forced' if 'teacher_forced_ce' in e else 'denoising'} CE on "
+            f"{e['n_test']} test images {e.get('teacher_forced_ce', e.get('denoising_ce')):.4f} nats/token -> {args.out}")
 
 def _table(module: str, names: str) -> dict:
     import importlib
@@ -160,7 +160,8 @@ def run_sample(args) -> int:
     _check_writable(args.out)
     prior, itok, ttok = load_prior_run(args.prior, args.device)
     settings = run_sampling(args.prior, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            guidance=args.guidance)  # the run's recorded settings, unless given here
+                            guidance=args.guidance, steps=args.steps)  # the run's recorded settings, unless given here
+    prior.check_options({k: v for k, v in settings.items() if k != 'top_p' or v is not None})  # e.g. --steps for a G1
     t0 = time.time()
     fig, images = sample_figure(prior, itok, ttok, prompts, n=args.n, seed=args.seed, batch_size=args.batch_size,
                                 show_progress=True, **settings)
@@ -206,6 +207,27 @@ def run_bench_tokenizers(args) -> int:
     print(comparison_table(runs)); print(f"tables and plots in {args.out}")
     return 0
 
+def run_bench_samplers(args) -> int:
+    "Score prior runs against their sampling steps (Paella, MaskGIT) beside autoregressive ones, and time them."
+    import json
+    from dalle_course.paella import plot_sweep, step_sweep, sweep_table
+    from dalle_course.runs import RunFolder
+    from dalle_course.prior_training import load_prior_run
+    runs = {}
+    for r in args.prior:
+        name = r.name if r.name not in runs else str(r)
+        runs[name] = r
+    for r in runs.values(): load_prior_run(r, args.device)  # every input checked before the folder is touched
+    with RunFolder(args.out, 'bench samplers', overwrite=args.overwrite, resumable=False) as rf:
+        res = step_sweep(runs, steps=args.steps, n=args.n, seed=args.seed, batch_size=args.batch_size, device=args.device,
+                         clip_run=args.clip, classifier=args.classifier,
+                         sampling={k: v for k, v in dict(guidance=args.guidance, temperature=args.temperature, top_k=args.top_k).items() if v is not None})
+        rf.file('sweep.json').write_text(json.dumps(res, indent=1))
+        rf.file('sweep.md').write_text(sweep_table(res) + '\n')
+        plot_sweep(res).savefig(rf.file('sweep.png'), dpi=100)
+    print(sweep_table(res)); print(f"sweep.json, sweep.md and sweep.png in {args.out}")
+    return 0
+
 def run_exercises(args) -> int:
     "Write learner copies of the notebooks with the solutions removed."
     from dalle_course.exercises import write_learner_copies
@@ -235,11 +257,14 @@ def _positive_int(s: str) -> int:
     if v <= 0: raise argparse.ArgumentTypeError(f"must be a positive number, got {v}")
     return v
 
-def _sample_counts(s: str) -> tuple:
+def _counts(s: str, what: str = 'sample counts', example: str = '1,2,4,8') -> tuple:
     try: ns = tuple(int(x) for x in s.split(','))
-    except ValueError: raise argparse.ArgumentTypeError(f"expected sample counts such as 1,2,4,8, got {s!r}") from None
-    if not ns or min(ns) < 1: raise argparse.ArgumentTypeError(f"sample counts must be at least 1, got {s!r}")
+    except ValueError: raise argparse.ArgumentTypeError(f"expected {what} such as {example}, got {s!r}") from None
+    if not ns or min(ns) < 1: raise argparse.ArgumentTypeError(f"{what} must be at least 1, got {s!r}")
     return ns
+
+def _sample_counts(s: str) -> tuple: return _counts(s)
+def _step_counts(s: str) -> tuple: return _counts(s, 'step counts', '4,8,12,16,24')
 
 def _size(s: str) -> int:
     if s not in ('64', '128'): raise argparse.ArgumentTypeError(f"size {s!r} is not supported; use 64 or 128")
@@ -335,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument('--guidance', type=float, default=None,
                     help="classifier-free guidance scale (1 = plain conditional sampling, 3 = stronger prompt adherence; "
                          "default: the run's)")
+    sm.add_argument('--steps', type=_positive_int, default=None,
+                    help="sampling steps of a parallel prior (Paella, MaskGIT; default: the run's); an autoregressive prior takes none")
     sm.add_argument('--batch-size', type=_positive_int, default=64, help='images sampled at once')
     _device_seed_args(sm)
     sm.set_defaults(func=run_sample)
@@ -354,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     _device_seed_args(dm)
     dm.set_defaults(func=run_demo)
 
-    be = sub.add_parser('bench', help='benchmarks that compare variants (tokenizers)',
+    be = sub.add_parser('bench', help='benchmarks that compare variants (tokenizers, samplers)',
                         description='Train several variants on the same data and write comparison tables and plots.')
     bsub = be.add_subparsers(dest='bench', metavar='WHAT', parser_class=_Parser); bsub.required = True
     bt = bsub.add_parser('tokenizers', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -367,6 +394,26 @@ def build_parser() -> argparse.ArgumentParser:
     from dalle_course.tokenizer_training import PRESETS
     _training_args(bt, out_help='output folder (new or empty)', presets=PRESETS, resume=False)
     bt.set_defaults(func=run_bench_tokenizers)
+    bs = bsub.add_parser('samplers', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                         help='parallel priors (Paella, MaskGIT) against their sampling steps, beside autoregressive ones',
+                         description="Draw one image per unseen MD-MNIST test description with every --prior (its run's "
+                         "sampling settings; a Paella or MaskGIT prior at every --steps), score them with the attribute "
+                         "ruler and the CLIP score, time them (images/s at --batch-size, after a warm-up), and write "
+                         "sweep.json, sweep.md (the table, with speed as a multiple of an autoregressive prior's) and "
+                         "sweep.png to --out.")
+    bs.add_argument('--prior', type=Path, action='append', required=True, help='a `train prior` run folder; repeat to compare')
+    bs.add_argument('--steps', type=_step_counts, default=(4, 8, 12, 16, 24), help='sampling steps to try, e.g. 4,8,12,16,24')
+    bs.add_argument('--n', type=_positive_int, default=192, help='unseen test descriptions (one image each)')
+    bs.add_argument('--batch-size', type=_positive_int, default=64, help='images sampled at once')
+    bs.add_argument('--guidance', type=float, default=None, help="guidance scale for every prior (default: each run's own)")
+    bs.add_argument('--temperature', type=float, default=None, help="softmax temperature for every prior (default: each run's own)")
+    bs.add_argument('--top-k', type=_positive_int, default=None, help="top-k for every prior (default: each run's own)")
+    bs.add_argument('--clip', type=Path, default=None, help="a `train clip` run folder (default: the demo's shipped CLIP)")
+    bs.add_argument('--classifier', type=Path, default=None, help='a ruler (default: the shipped one of the image size)')
+    bs.add_argument('--out', type=Path, required=True, help='output folder (new or empty)')
+    bs.add_argument('--overwrite', action='store_true', help='replace an earlier sweep in --out (only its own files)')
+    _device_seed_args(bs)
+    bs.set_defaults(func=run_bench_samplers)
 
     ev = sub.add_parser('eval', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                         help='judge one prior, or compare two (G1 vs G2): ruler, CLIP score, CTRS, CICS, CE',

@@ -29,7 +29,8 @@ __all__ = ['ATTRIBUTE_CHANCE', 'BINDING_CHANCE', 'CHANCE', 'CTRS_M', 'teacher_fo
 def teacher_forced_ce(prior: nn.Module, data, batch_size: int = 64, max_items: int | None = None,
                       show_progress: bool = False) -> torch.Tensor:
     """Per-image mean image-token cross-entropy (nats) `(n,)` of `prior` on `data` (items (text, image) or
-    {'text', 'image'}), each token predicted from the caption and the true previous tokens."""
+    {'text', 'image'}), each token predicted from the caption and the true previous tokens. A prior that is not
+    autoregressive (lesson 31) has no such CE: its own `per_image_ce` (the denoising CE) is returned instead."""
     if max_items is not None: data = torch.utils.data.Subset(data, range(min(max_items, len(data))))
     if len(data) == 0: raise InputError("the evaluation data is empty; pass a test split with at least one item")
     dev, out = next(prior.parameters()).device, []
@@ -38,6 +39,8 @@ def teacher_forced_ce(prior: nn.Module, data, batch_size: int = 64, max_items: i
         for batch in progress(loader, desc='teacher-forced CE', disable=not show_progress, leave=False):
             text, img = (batch['text'], batch['image']) if isinstance(batch, dict) else batch[:2]
             img = img.to(dev).reshape(img.shape[0], -1)  # (B, N)
+            if getattr(prior, 'ce_kind', 'teacher_forced_ce') != 'teacher_forced_ce':
+                out.append(prior.per_image_ce(text.to(dev), img).float().cpu()); continue
             logits = prior(text.to(dev), img)['image_logits'].float()  # (B, N, K)
             ce = F.cross_entropy(logits.transpose(1, 2), img, reduction='none')  # (B, N)
             out.append(ce.mean(1).cpu())

@@ -15,7 +15,7 @@ from .transformer import ImagePositions, TextPositions, Transformer
 
 # %% auto #0
 __all__ = ['MASK_PATTERNS', 'PRIORS', 'prior_masks', 'prior_specs', 'Prior', 'AutoregressivePrior', 'JointPrior', 'drop_text',
-           'prior_loss', 'SeparatePrior', 'save_prior', 'load_prior']
+           'prior_loss', 'TextEncoder', 'SeparatePrior', 'save_prior', 'load_prior']
 
 # %% ../nbs/23_prior.ipynb #23_prior-009
 MASK_PATTERNS = ('causal', 'dalle')
@@ -65,11 +65,25 @@ class Prior(nn.Module):
 
     def generate(self, text: torch.Tensor, **options) -> torch.Tensor: raise NotImplementedError
 
+    ce_kind, default_sampling = 'ce', {}  # the name of `per_image_ce` in eval.json; sampling settings a run records
+
+    def per_image_ce(self, text: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        "The prior's test loss per image `(B,)` in nats per image token (what `evaluation.teacher_forced_ce` averages)."
+        raise NotImplementedError
+
 
 class AutoregressivePrior(Prior):
     "A prior sampled token by token in raster order through `prefix` / `extend` (the sampler of lesson 24)."
     sampler = 'autoregressive'
     sampler_options = ('temperature', 'top_k', 'top_p', 'guidance', 'given', 'generator', 'show_progress')
+
+    ce_kind = 'teacher_forced_ce'
+
+    def per_image_ce(self, text: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        "Mean CE `(B,)` of each image's tokens, each predicted from the caption and the true previous tokens."
+        img = _flat_image(image_tokens, self.n_img)
+        logits = self(text, img)['image_logits'].float()  # (B, N, K)
+        return F.cross_entropy(logits.transpose(1, 2), img, reduction='none').mean(1)
 
     def prefix(self, text: torch.Tensor): raise NotImplementedError
     def extend(self, state: dict, tokens: torch.Tensor) -> torch.Tensor: raise NotImplementedError
@@ -168,6 +182,21 @@ def prior_loss(model: nn.Module, batch, hp: dict | None = None) -> tuple[torch.T
     return loss, {'ce_text': ce_text.detach(), 'ce_image': ce_img.detach()}
 
 # %% ../nbs/23_prior.ipynb #23_prior-028
+class TextEncoder(nn.Module):
+    "G2's text encoder: pad-aware token embedding + learned positions + a bidirectional transformer (lesson 31's U-Nets read it too)."
+    def __init__(self, text_vocab: int, text_len: int, dim: int, depth: int, n_heads: int, mlp_ratio: int = 4,
+                 dropout: float = 0.0, pad_id: int = 0):
+        super().__init__()
+        self.text_len = text_len
+        self.text_emb, self.text_pos = PadEmbedding(text_vocab, text_len, dim, pad_id), TextPositions(text_len, dim)
+        self.encoder = Transformer(dim, depth, n_heads, None, mlp_ratio, dropout)  # bidirectional: no mask
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        "Text `(B, L)` -> encoded text `(B, L, D)`."
+        _check_text(text, self.text_len)
+        return self.encoder(self.text_emb(text) + self.text_pos(self.text_len))
+
+
 class SeparatePrior(AutoregressivePrior):
     "G2 (thesis): bidirectional text encoder + causal image decoder with cross-attention and a learned BOS."
     kind = arch = 'separate'
@@ -181,8 +210,7 @@ class SeparatePrior(AutoregressivePrior):
                            dim=dim, depth=depth, enc_depth=enc_depth, n_heads=n_heads, mlp_ratio=mlp_ratio,
                            dropout=dropout, pad_id=pad_id, p_uncond=p_uncond)
         self._set_sizes(text_vocab, image_vocab, text_len, h, w, pad_id); self.p_uncond = p_uncond
-        self.text_emb, self.text_pos = PadEmbedding(text_vocab, text_len, dim, pad_id), TextPositions(text_len, dim)
-        self.encoder = Transformer(dim, enc_depth, n_heads, None, mlp_ratio, dropout)  # bidirectional
+        self.text_encoder = TextEncoder(text_vocab, text_len, dim, enc_depth, n_heads, mlp_ratio, dropout, pad_id)
         self.bos = nn.Parameter(torch.randn(dim) * 0.02)  # (D,)
         self.image_emb = nn.Embedding(image_vocab, dim); nn.init.normal_(self.image_emb.weight, std=0.02)
         self.image_pos = ImagePositions(h, w, dim)
@@ -192,8 +220,7 @@ class SeparatePrior(AutoregressivePrior):
 
     def encode(self, text: torch.Tensor) -> torch.Tensor:
         "Text `(B, L)` -> encoded text `(B, L, D)` (the decoder's cross-attention context)."
-        _check_text(text, self.text_len)
-        return self.encoder(self.text_emb(text) + self.text_pos(self.text_len))
+        return self.text_encoder(text)
 
     def _dec_in(self, prev: torch.Tensor, start: int) -> torch.Tensor:
         "Decoder inputs at positions `start..start+n-1` from the previous tokens `prev` (B, n)."

@@ -17,6 +17,7 @@ from .evaluation import plot_ce_distribution, teacher_forced_ce
 from .image_tokenizer import ImageTokenizer, load_tokenizer
 from .learner import train_recipe
 from .prior import PRIORS, Prior, load_prior, save_prior
+import dalle_course.paella  # registers the non-autoregressive priors of lesson 31 in PRIORS
 from .runs import FILES, Recipe, RunFolder, RunResult, resolve_train
 from .sampling import check_sampling_args
 from .text import AttributeTokenizer, BPETokenizer, TextTokenizer, WordTokenizer, load_text_tokenizer
@@ -32,15 +33,17 @@ THESIS_TABLE6_PRIOR = dict(epochs=20, batch_size=12, lr=1e-3, gamma=0.1, milesto
                            n_heads=8, dropout=0.1, mlp_hidden=512)  # G1 and G2; "text encoder blocks" apply to G2 only
 THESIS_MDMNIST_WIDTH = 256  # not in Table 6: the model width of the thesis's released MD-MNIST code (its image vocabulary)
 OURS_LOSS, OURS_P_UNCOND = dict(w_text=1 / 8, w_img=7 / 8), 0.1  # DALL-E's loss weights and our CFG caption dropout
-ARCHS = tuple(PRIORS)  # ('joint', 'separate')
+ARCHS = tuple(PRIORS)  # ('joint', 'separate', 'paella', 'maskgit')
 _T6 = THESIS_TABLE6_PRIOR
 DEFAULT_SAMPLING = dict(temperature=1.0, top_k=None, top_p=None, guidance=1.0)  # plain sampling; a recipe records its own
 SHIPPED_DEMO_RUN = Path(dalle_course.__file__).resolve().parent.parent / 'data' / 'demo_64'  # the cpu demo's tokenizer and prior, shipped
 
 PRIOR_PRESETS: dict[str, dict] = {
     'tiny': dict(doc="CPU run: dim 128, 4 blocks (G2: 4 + 2 text-encoder blocks), 600 steps of about 4096 tokens "
-                     "(15 sequences at 64 px, 3 at 128 px): a few minutes on 2 cores at either size",
-                 model=dict(dim=128, depth=4, enc_depth=2, n_heads=4, dropout=0.0, mask_pattern='dalle', kernel=5),
+                     "(15 sequences at 64 px, 3 at 128 px): a few minutes on 2 cores at either size; Paella and MaskGIT: "
+                     "a U-Net of 48-96-96 channels beside the 2-block text encoder",
+                 model=dict(dim=128, depth=4, enc_depth=2, n_heads=4, dropout=0.0, mask_pattern='dalle', kernel=5,
+                            channels=(48, 96, 96)),
                  steps=600, batch_tokens=4096, lr=2e-3, lr_schedule='warmup_cosine', warmup=40),
     'thesis-mdmnist': dict(doc="thesis Table 6: width 256 with an MLP of 512, 12 blocks (G2: + 6 text-encoder blocks), "
                                "8 heads, dropout 0.1, 20 epochs of 12, LR 1e-3 x0.1 at epochs 5 and 10; image-token CE "
@@ -63,8 +66,15 @@ SAME_PRIOR_RUN = [(('kind',), '--arch'), (('preset',), '--preset'),
                   (('model', 'image_vocab'), 'a tokenizer of codebook size'), (('extra', 'text'), 'the text tokenizer')]
 
 def _arch_keys(cls) -> set:
+    "The constructor arguments of a prior class, through the classes it passes `**kw` on to."
     import inspect
-    return set(inspect.signature(cls.__init__).parameters) - {'self'}
+    keys = set()
+    for c in cls.__mro__:
+        if '__init__' not in vars(c): continue
+        ps = inspect.signature(c.__init__).parameters.values()
+        keys |= {q.name for q in ps if q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD)} - {'self'}
+        if not any(q.kind == q.VAR_KEYWORD for q in ps): break
+    return keys
 
 def resolve_prior_recipe(arch: str, preset: str, n_train: int, text_vocab: int, text_len: int, image_vocab: int,
                          h: int, w: int, steps: int | None = None, batch_size: int | None = None, seed: int = 0,
@@ -84,7 +94,7 @@ def resolve_prior_recipe(arch: str, preset: str, n_train: int, text_vocab: int, 
                  **{k: v for k, v in net.items() if k in keys})  # each architecture takes the keys it has
     recipe = Recipe('prior', arch, preset, n_train, model, train, hparams=dict(p.get('loss', OURS_LOSS)),
                     extra={'text': dict(text or {'kind': 'attributes', 'length': text_len}),
-                           'sampling': {**DEFAULT_SAMPLING, **p.get('sampling', {})}})
+                           'sampling': {**DEFAULT_SAMPLING, **cls.default_sampling, **p.get('sampling', {})}})
     return recipe.with_overrides(overrides)
 
 # %% ../nbs/26_prior_training.ipynb #26_prior_training-010
@@ -218,7 +228,8 @@ def train_prior(arch: str, tokenizer, data, preset: str = 'tiny', out=None, test
         prior.eval()
         ce = teacher_forced_ce(prior, test_ds, batch_size=64)
         seq = L + h * w
-        ev = dict(teacher_forced_ce=float(ce.mean()), ce_std=float(ce.std()) if len(ce) > 1 else 0.0,
+        ev = {prior.ce_kind: float(ce.mean())}  # 'teacher_forced_ce', or 'denoising_ce' for Paella and MaskGIT (lesson 31)
+        ev.update(ce_std=float(ce.std()) if len(ce) > 1 else 0.0,
                   ce_median=float(ce.median()), n_test=len(ce), steps=learner.step,
                   train_tokens_per_s=summary['samples_per_s'] * seq, train_sequences_per_s=summary['samples_per_s'])
         result = RunResult(prior, recipe, summary, ev, learner.records, None if rf is None else rf.path,
@@ -228,7 +239,7 @@ def train_prior(arch: str, tokenizer, data, preset: str = 'tiny', out=None, test
             save_prior(prior, rf.file('prior'), step=learner.step, extra={'depends': {'image_tokenizer': fp}})
             if plots:
                 import matplotlib.pyplot as plt
-                plot_ce_distribution({arch: ce}).savefig(rf.file('ce.png'), dpi=100)
+                plot_ce_distribution({arch: ce}, title=f"{prior.ce_kind.replace('_ce', '').replace('_', '-')} CE per test image").savefig(rf.file('ce.png'), dpi=100)
                 caps = test_caps[:n_sample_captions]
                 t0 = time.time()
                 fig, _ = sample_figure(prior, tokenizer, text_tok, caps, n=4, seed=seed, title=f'{arch} prior: samples for test captions',

@@ -101,7 +101,7 @@ def evaluate_priors(runs: dict, clip_run=None, classifier=None, n: int = 1000, s
              'clip_score': float(cs.mean()), 'clip_score_ci': bootstrap_ci(cs, None, n_boot, seed=seed),
              'ctrs': {k: v for k, v in ct.items() if k != 'scores'},
              'ctrs_true_first_ci': bootstrap_ci((ct['scores'].argmax(1) == 0).double(), None, n_boot, seed=seed),
-             'teacher_forced_ce': float(ce.mean()), 'ce_ci': bootstrap_ci(ce, None, n_boot, seed=seed),
+             p['prior'].ce_kind: float(ce.mean()), 'ce_ci': bootstrap_ci(ce, None, n_boot, seed=seed),  # denoising_ce: lesson 31
              'sampling_seconds': secs, 'images_per_s': n / secs}
         if holdout: m['combinations'] = following_by_combination(said, seen, holdout)
         if rerank_ns:
@@ -120,7 +120,8 @@ def evaluate_priors(runs: dict, clip_run=None, classifier=None, n: int = 1000, s
             'binding': _paired(ok[a].all(-1).float().mean(1), ok[b].all(-1).float().mean(1), n_boot, seed),
             'attributes': _paired(ok[a].float().mean((1, 2)), ok[b].float().mean((1, 2)), n_boot, seed),
             'exact': {'only_a': only_a, 'only_b': only_b, 'p_sign': sign_test_p(only_a, only_a + only_b)},
-            'teacher_forced_ce': _paired(raw[a]['ce'], raw[b]['ce'], n_boot, seed),
+            **({'teacher_forced_ce': _paired(raw[a]['ce'], raw[b]['ce'], n_boot, seed)}
+               if priors[a]['prior'].ce_kind == priors[b]['prior'].ce_kind == 'teacher_forced_ce' else {}),
             'ctrs_true_first': _paired((raw[a]['ctrs_scores'].argmax(1) == 0).float(),
                                        (raw[b]['ctrs_scores'].argmax(1) == 0).float(), n_boot, seed)}
     out['raw'] = raw
@@ -167,8 +168,10 @@ def study_table(res: dict) -> str:
     row('CTRS: true description first (%)', [_pct(M[n]['ctrs']['true_first'], M[n]['ctrs_true_first_ci']) for n in names],
         *((_pct(c['ctrs_true_first']['diff'], c['ctrs_true_first']['diff_ci']), _p(c['ctrs_true_first']['p_paired_t'])) if two else ()))
     row('CTRS counts m = 0, 1, 2, 3, 4, ≥5', [', '.join(map(str, M[n]['ctrs']['counts'][:5] + [sum(M[n]['ctrs']['counts'][5:])])) for n in names])
-    row('teacher-forced CE (nats/token)', [_num(M[n]['teacher_forced_ce'], M[n]['ce_ci']) for n in names],
-        *((_num(c['teacher_forced_ce']['diff'], c['teacher_forced_ce']['diff_ci']), _p(c['teacher_forced_ce']['p_paired_t'])) if two else ()))
+    ce_of = lambda m: m.get('teacher_forced_ce', m.get('denoising_ce'))  # noqa: E731  (denoising: Paella, MaskGIT)
+    row('teacher-forced CE (nats/token)' if all('teacher_forced_ce' in M[n] for n in names) else
+        'CE on real test images (nats/token; teacher-forced, or denoising for a parallel prior)', [_num(ce_of(M[n]), M[n]['ce_ci']) for n in names],
+        *((_num(c['teacher_forced_ce']['diff'], c['teacher_forced_ce']['diff_ci']), _p(c['teacher_forced_ce']['p_paired_t'])) if two and 'teacher_forced_ce' in c else ()))
     if any('combinations' in M[n] for n in names):
         for grp in ('seen', 'unseen'):
             for k in ('colour', 'binding'):
@@ -198,7 +201,7 @@ def plot_study(res: dict):
     axs[1].set_ylabel('images'); axs[1].legend(fontsize=7); axs[1].set_title('CTRS', fontsize=8)
     hi_ce = max(float(res['raw'][n]['ce'].max()) for n in names)
     for n in names:
-        axs[2].hist(res['raw'][n]['ce'].numpy(), bins=40, range=(0, hi_ce), alpha=0.55, label=f"{n}: {M[n]['teacher_forced_ce']:.4f}")
+        axs[2].hist(res['raw'][n]['ce'].numpy(), bins=40, range=(0, hi_ce), alpha=0.55, label=f"{n}: {M[n].get('teacher_forced_ce', M[n].get('denoising_ce')):.4f}")
     axs[2].set_yscale('log'); axs[2].set_xlabel('teacher-forced CE per image (nats/token)'); axs[2].legend(fontsize=7)
     axs[2].set_title('CE on real test images', fontsize=8)
     fig.tight_layout()

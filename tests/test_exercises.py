@@ -137,7 +137,8 @@ ANSWERS = {'check_colorize': 'colorize', 'check_slot_box': 'slot_box', 'check_wa
            'check_prior_loss': 'prior_loss', 'check_null_text': 'drop_text', 'check_top_k': 'filter_logits',
            'check_top_p': 'filter_logits', 'check_guide': 'guide', 'check_sample_loop': 'sample',
            'check_caption_following': 'caption_following', 'check_ctrs_perturbation': 'perturb_attributes',
-           'check_contrastive_loss': 'contrastive_loss'}
+           'check_contrastive_loss': 'contrastive_loss', 'check_renoise': 'renoise', 'check_paella_weight': 'paella_loss_weight',
+           'check_mask_schedule': 'mask_schedule'}
 
 
 def test_every_exercise_precedes_its_answer():

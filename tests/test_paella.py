@@ -1,0 +1,178 @@
+"Lesson 31: Paella renoising and MaskGIT masking priors on the Prior contract, their samplers, inpainting and the sweep."
+import math
+
+import pytest
+import torch
+
+from dalle_course.core import InputError, seed_everything
+from dalle_course.paella import (MaskGITPrior, PaellaPrior, categorical, mask_sample, mask_schedule, mask_tokens,
+                                 maskgit_loss, paella_loss, paella_loss_weight, paella_timesteps, renoise)
+from dalle_course.prior import PRIORS, load_prior, save_prior
+
+KW = dict(text_vocab=21, image_vocab=16, text_len=6, h=8, w=8, dim=16, channels=(8, 16, 16), n_heads=2, enc_depth=1)
+
+
+def _prior(cls, **kw):
+    seed_everything(0)
+    return cls(**{**KW, **kw}).eval()
+
+
+def _text(B=3):
+    return torch.randint(1, 21, (B, 6), generator=torch.Generator().manual_seed(1))
+
+
+def test_registered_for_the_cli():
+    assert PRIORS['paella'] is PaellaPrior and PRIORS['maskgit'] is MaskGITPrior
+
+
+def test_renoise_fraction_and_source():
+    x = torch.zeros(4, 4000, dtype=torch.long); noise = torch.ones_like(x)
+    out, m = renoise(x, torch.tensor([0.0, 0.25, 0.75, 1.0]), noise, torch.Generator().manual_seed(0))
+    assert torch.equal(out, m.long())                                 # noised places hold the noise, kept ones the token
+    assert torch.allclose(m.float().mean(1), torch.tensor([0.0, 0.25, 0.75, 1.0]), atol=0.03)
+
+
+def test_paella_weight_formula():
+    m = torch.tensor([[False, True, False]]); t = torch.tensor([0.4])
+    assert torch.allclose(paella_loss_weight(m, t, 0.3), torch.tensor([[1 - 0.6 * 0.7, 1.0, 1 - 0.6 * 0.7]]))
+
+
+def test_paella_loss_is_the_weighted_mean_of_smoothed_ce():
+    p = _prior(PaellaPrior, p_uncond=0.0).train()
+    text, img = _text(), torch.randint(0, 16, (3, 64), generator=torch.Generator().manual_seed(2))
+    seed_everything(5); loss, _ = paella_loss(p, (text, img))
+    seed_everything(5)                                                # replay the draws: t, then the noise, then the mask
+    t = torch.rand(3); noise = torch.randint_like(img, 16)
+    u = torch.rand(img.shape); m = u < t[:, None]
+    logits = p(text, torch.where(m, noise, img), t)['image_logits'].float()
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), img, reduction='none', label_smoothing=0.1)
+    w = 1 - (~m).float() * (1 - t[:, None]) * 0.7
+    assert torch.allclose(loss, ((w * ce).sum(1) / w.sum(1)).mean(), atol=1e-6)
+
+
+@pytest.mark.parametrize('kind,ref', [('cosine', lambda r: math.cos(math.pi * r / 2)),
+                                      ('arccos', lambda r: math.acos(r) / (math.pi / 2)), ('linear', lambda r: 1 - r)])
+def test_mask_schedules(kind, ref):
+    r = torch.linspace(0, 1, 11)
+    assert torch.allclose(mask_schedule(r, kind), torch.tensor([ref(float(v)) for v in r]), atol=1e-6)
+    with pytest.raises(InputError, match='unknown mask schedule'): mask_schedule(r, 'cos')
+
+
+def test_mask_tokens_masks_gamma_not_one_minus_gamma():
+    x = torch.arange(100).repeat(2, 1) % 16
+    xm, m = mask_tokens(x, torch.tensor([0.9, 0.1]), 16)
+    assert m.sum(1).tolist() == [90, 10] and (xm[m] == 16).all() and torch.equal(xm[~m], x[~m])
+
+
+def test_maskgit_loss_looks_at_masked_places_only():
+    "Both directions: logits at unmasked places do not move the loss; logits at masked places do."
+    p = _prior(MaskGITPrior, p_uncond=0.0)
+    text, img = _text(2), torch.randint(0, 16, (2, 64), generator=torch.Generator().manual_seed(3))
+    seen = {}
+    def fake(lg):
+        def fwd(text, x, t): seen['x'] = x; return {'image_logits': lg}
+        return fwd
+    base = torch.randn(2, 64, 16)
+    p.forward = fake(base); seed_everything(0); l0 = maskgit_loss(p, (text, img))[0]
+    masked = seen['x'] == p.mask_id
+    assert 0 < masked.sum() < masked.numel()
+    for where, moves in ((~masked, False), (masked, True)):
+        lg = base.clone(); lg[where] += 3 * torch.randn_like(lg[where])
+        p.forward = fake(lg); seed_everything(0); l1 = maskgit_loss(p, (text, img))[0]
+        assert (abs(float(l1 - l0)) > 1e-3) == moves
+
+
+def test_categorical_matches_multinomial_and_skips_zero_probability():
+    p = torch.tensor([[0.5, 0.0, 0.3, 0.2]])
+    d = categorical(p.expand(200000, 4), torch.Generator().manual_seed(0))
+    f = torch.bincount(d, minlength=4).float() / len(d)
+    assert f[1] == 0 and torch.allclose(f, p[0], atol=0.006)
+
+
+@pytest.mark.parametrize('cls', [PaellaPrior, MaskGITPrior])
+def test_sampler_contract(cls):
+    p = _prior(cls)
+    text = _text()
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    trace = []
+    z = p.generate(text, steps=5, guidance=2.0, temperature=0.8, top_k=8, trace=trace, generator=g())
+    assert z.shape == (3, 8, 8) and z.dtype == torch.long and int(z.min()) >= 0 and int(z.max()) < 16  # never the mask id
+    assert len(trace) == 5 and torch.equal(trace[-1], z)
+    assert torch.equal(p.generate(text, steps=5, guidance=2.0, temperature=0.8, top_k=8, generator=g()), z)
+    region = torch.zeros(8, 8, dtype=torch.bool); region[2:5, 3:7] = True
+    inp = p.generate(text, steps=4, given=z, region=region, generator=g())
+    assert torch.equal(inp[:, ~region], z[:, ~region])                 # bit-identical outside the region
+    rows = p.generate(text, steps=3, given=z[:, :3], generator=g())
+    assert torch.equal(rows[:, :3], z[:, :3])                          # completion: given rows stay
+    var = p.generate(text, steps=3, given=z, strength=0.4, generator=g())
+    assert 0 < (var != z).float().mean() < 0.9
+    with pytest.raises(InputError, match='no option'): p.generate(text, beam=3)
+    with pytest.raises(InputError, match='steps'): p.generate(text, steps=0)
+    with pytest.raises(InputError, match='region'): p.generate(text, region=region)
+    with pytest.raises(InputError, match='codebook'): p.generate(text, given=z + 16)
+
+
+def test_mask_token_never_drawn_even_when_the_head_wants_it():
+    "The head has K outputs; the mask (id K) is an input only. Force every logit flat: nothing outside 0..K-1 appears."
+    p = _prior(MaskGITPrior)
+    assert p.unet.head.out_channels == 16 * 2 * 2 and p.unet.embed.num_embeddings == 17
+    with torch.no_grad(): p.unet.head.weight.zero_(); p.unet.head.bias.zero_()
+    z = p.generate(_text(), steps=3)
+    assert int(z.max()) < 16
+
+
+def test_maskgit_follows_the_schedule_and_keeps_committed_tokens():
+    p = _prior(MaskGITPrior, schedule='cosine')
+    grids, orig = [], p.predict
+    p.predict = lambda x, level, ctx: (grids.append(x.clone()), orig(x, level, ctx))[1]
+    z = mask_sample(p, _text(1), steps=6, generator=torch.Generator().manual_seed(0))
+    left = [int((q == 16).sum()) for q in grids]
+    assert left == [64] + [math.floor(math.cos(math.pi / 2 * i / 6) * 64) for i in range(1, 6)]
+    for a, b in zip(grids, grids[1:] + [z.reshape(1, -1)]):
+        assert torch.equal(b[a != 16], a[a != 16])
+
+
+def test_paella_timesteps():
+    assert torch.allclose(paella_timesteps(5), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
+    assert paella_timesteps(1).tolist() == [1.0] and paella_timesteps(3, 0.5).tolist() == [0.5, 0.25, 0.0]
+
+
+@pytest.mark.parametrize('cls', [PaellaPrior, MaskGITPrior])
+def test_save_load_round_trip_and_denoising_ce(cls, tmp_path):
+    p = _prior(cls, schedule='arccos') if cls is MaskGITPrior else _prior(cls)
+    save_prior(p, tmp_path / 'p.safetensors')
+    q = load_prior(tmp_path / 'p.safetensors')
+    assert type(q) is cls and q.config == p.config
+    text, img = _text(), torch.randint(0, 16, (3, 64))
+    assert torch.allclose(q.per_image_ce(text, img), p.per_image_ce(text, img))
+    assert p.ce_kind == 'denoising_ce' and p.per_image_ce(text, img).shape == (3,)
+
+
+def test_cli_steps_refused_for_an_autoregressive_prior(tmp_path, capsys):
+    from dalle_course.cli import main
+    from dalle_course.prior_training import SHIPPED_DEMO_RUN
+    out = tmp_path / 'g.png'
+    rc = main(['sample', '--prior', str(SHIPPED_DEMO_RUN), '--prompt', '7 30 r up 2 20 w down 9 40 g middle', '--n', '1',
+               '--steps', '4', '--out', str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and not out.exists() and "no option 'steps'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_samples_a_shipped_paella_prior_with_steps(tmp_path, capsys):
+    from dalle_course.cli import main
+    from dalle_course.prior_training import SHIPPED_DEMO_RUN
+    out = tmp_path / 'g.png'
+    rc = main(['sample', '--prior', str(SHIPPED_DEMO_RUN.parent / 'paella_64'), '--prompt', '7 30 r up 2 20 w down 9 40 g middle',
+               '--n', '2', '--steps', '3', '--out', str(out)])
+    assert rc == 0 and out.is_file() and 'steps 3' in capsys.readouterr().out
+
+
+def test_bench_samplers_tiny(tmp_path):
+    from dalle_course.cli import main
+    from dalle_course.prior_training import SHIPPED_DEMO_RUN
+    import json
+    rc = main(['bench', 'samplers', '--prior', str(SHIPPED_DEMO_RUN.parent / 'maskgit_64'), '--steps', '2,3', '--n', '4',
+               '--out', str(tmp_path / 'sw')])
+    res = json.loads((tmp_path / 'sw' / 'sweep.json').read_text())
+    assert rc == 0 and [r['steps'] for r in res['rows']] == [2, 3] and (tmp_path / 'sw' / 'sweep.png').is_file()
+    assert all(0 <= r['attributes'] <= 1 and r['images_per_s'] > 0 for r in res['rows'])
