@@ -1190,8 +1190,7 @@ def check_renoise(fn) -> None:
         ref = torch.tensor([[int(noise[b, i]) if float(u[b, i]) < float(t[b]) else int(tokens[b, i]) for i in range(N)] for b in range(B)])
         hint = which_mistake(out, {
             "the noised places are those with u < t: a fraction t of them (u >= t noises 1 - t)": torch.where(u >= t[:, None], noise, tokens),
-            "t is one ratio per image: compare u[b, i] with t[b] (t[:, None])": torch.where(u < t[0], noise, tokens),
-            "where(noised, noise, tokens): a noised place takes the noise token, a kept one its own": torch.where(u < t[:, None], tokens, noise)},
+            "t is one ratio per image: compare u[b, i] with t[b] (t[:, None])": torch.where(u < t[0], noise, tokens)},
             "a noised place takes the token of `noise` at the same place (Algorithm 1 renoises to the initial noise)")
         expect_close(torch.as_tensor(out).long(), ref, case, hint=hint)
         n += 1

@@ -6,7 +6,7 @@ import torch
 
 def renoise_right(x, t, noise, u): return torch.where(u < t[:, None], noise, x)
 def renoise_inverted(x, t, noise, u): return torch.where(u >= t[:, None], noise, x)          # noises a fraction 1 - t
-def renoise_swapped(x, t, noise, u): return torch.where(u < t[:, None], x, noise)            # the where arms swapped
+def renoise_swapped(x, t, noise, u): return torch.where(u < t[:, None], x, noise)            # the arms swapped: the same as inverted
 def renoise_one_t(x, t, noise, u): return torch.where(u < t[0], noise, x)                    # the first image's t for all
 def renoise_fresh(x, t, noise, u): return torch.where(u < t[:, None], (noise + 1) % 64, x)   # not the given noise
 def renoise_in_place(x, t, noise, u):
@@ -28,7 +28,7 @@ def schedule_arccos_is_cos(r, kind): return torch.cos(math.pi * r / 2)
 
 
 PLANTED = {
-    'check_renoise': (renoise_right, [(renoise_inverted, 'u < t'), (renoise_swapped, 'where(noised, noise, tokens)'),
+    'check_renoise': (renoise_right, [(renoise_inverted, 'u < t'), (renoise_swapped, 'u < t'),
                                       (renoise_one_t, 'one ratio per image'), (renoise_fresh, 'the token of `noise`'),
                                       renoise_in_place]),
     'check_paella_weight': (weight_right, [(weight_noised_down, 'noised tokens (m = 1) keep weight 1'),
