@@ -73,13 +73,15 @@ TRAIN_COMMANDS = {
                                                 "trains with DALL-E's BPE-dropout 0.1")),),
                   kwargs=lambda a: {'text': {'kind': a.text}} if a.text else {},
                   report=_report_prior,
-                  help='stage 2: a transformer prior over image tokens given text (G1 joint or G2 separate)',
+                  help='stage 2: a prior over image tokens given text (G1 joint, G2 separate, Paella, MaskGIT)',
                   description="Train a prior on a dataset folder tokenized by a trained tokenizer. --arch joint is "
                   "G1 (DALL-E: one decoder over [text; image]); --arch separate is G2 (a text encoder and a "
-                  "cross-attending image decoder). Writes to --out: run.json (the manifest, with the tokenizer's "
+                  "cross-attending image decoder); --arch paella and --arch maskgit are lesson 31's parallel priors "
+                  "(G2's text encoder and a token U-Net, trained by renoising or by masking). Writes to --out: run.json (the manifest, with the tokenizer's "
                   "fingerprint), recipe.json, tokens.safetensors, tokenizer.safetensors and text_tokenizer.json "
                   "(copies, so the run samples on its own), checkpoint.safetensors (for --resume), metrics.jsonl/png, "
-                  "prior.safetensors, eval.json (teacher-forced CE on the test split), ce.png, samples.png."),
+                  "prior.safetensors, eval.json (the test split's CE: teacher-forced for G1/G2, denoising for Paella/MaskGIT), "
+                  "ce.png, samples.png."),
 }
 
 def _report_ruler(args, res) -> str:
@@ -212,16 +214,16 @@ def run_bench_samplers(args) -> int:
     import json
     from dalle_course.paella import plot_sweep, step_sweep, sweep_table
     from dalle_course.runs import RunFolder
-    from dalle_course.prior_training import load_prior_run
     runs = {}
     for r in args.prior:
-        name = r.name if r.name not in runs else str(r)
-        runs[name] = r
-    for r in runs.values(): load_prior_run(r, args.device)  # every input checked before the folder is touched
-    with RunFolder(args.out, 'bench samplers', overwrite=args.overwrite, resumable=False) as rf:
-        res = step_sweep(runs, steps=args.steps, n=args.n, seed=args.seed, batch_size=args.batch_size, device=args.device,
-                         clip_run=args.clip, classifier=args.classifier,
-                         sampling={k: v for k, v in dict(guidance=args.guidance, temperature=args.temperature, top_k=args.top_k).items() if v is not None})
+        if any(r.resolve() == q.resolve() for q in runs.values()): raise InputError(f"--prior {r} is given twice; name each run once")
+        runs[r.name if r.name not in runs else str(r)] = r
+    rf = RunFolder(args.out, 'bench samplers', overwrite=args.overwrite, resumable=False)
+    rf.check()  # --out first, writing nothing; step_sweep loads every prior, the CLIP and the ruler before it samples
+    res = step_sweep(runs, steps=args.steps, n=args.n, seed=args.seed, batch_size=args.batch_size, device=args.device,
+                     clip_run=args.clip, classifier=args.classifier,
+                     sampling={k: v for k, v in dict(guidance=args.guidance, temperature=args.temperature, top_k=args.top_k).items() if v is not None})
+    with rf:
         rf.file('sweep.json').write_text(json.dumps(res, indent=1))
         rf.file('sweep.md').write_text(sweep_table(res) + '\n')
         plot_sweep(res).savefig(rf.file('sweep.png'), dpi=100)

@@ -174,6 +174,7 @@ class TokenPredictorPrior(Prior):
     """A non-autoregressive prior: the G2 text encoder (lesson 23) and a `TokenUNet` that predicts every image token
     at once from a corrupted grid and its corruption level `t`. Subclasses give the corruption, the loss and the sampler."""
     extra_tokens = 0  # input-only tokens after the codebook (MaskGIT's mask)
+    kind_keys = ()  # the constructor arguments a subclass adds (recorded in `config`)
     sampler_options = ('steps', 'temperature', 'top_k', 'top_p', 'guidance', 'given', 'region', 'strength', 'generator',
                        'show_progress', 'trace')
     default_sampling = {'steps': 12, 'guidance': 3.0, 'temperature': 0.3, 'top_k': 16}  # the demo G1's settings (lesson 27)
@@ -184,6 +185,8 @@ class TokenPredictorPrior(Prior):
                  patch: int = 2, conv_kernel: int = 3, mlp_ratio: int = 4, dropout: float = 0.0, pad_id: int = 0,
                  p_uncond: float = 0.1, **kind_options):
         super().__init__()
+        if set(kind_options) - set(self.kind_keys):
+            raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {sorted(set(kind_options) - set(self.kind_keys))}")
         channels = tuple(channels or (dim // 2, dim, dim))
         self.config = dict(text_vocab=text_vocab, image_vocab=image_vocab, text_len=text_len, h=h, w=w, dim=dim,
                            enc_depth=enc_depth, n_heads=n_heads, channels=list(channels), blocks=blocks,
@@ -231,21 +234,27 @@ class TokenPredictorPrior(Prior):
 def categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row of `probs` (..., K) -> (...), by the inverse CDF: one uniform per row, where
     `torch.multinomial` draws K exponentials per row (the sampler's slowest step on a CPU). Zero-probability tokens
-    are never drawn: token i needs c_{i-1} <= u < c_i, an empty interval when p_i = 0."""
+    are never drawn: token i needs c_{i-1} <= u < c_i, an empty interval when p_i = 0 (u is kept below the total c_K:
+    a uniform of exactly 1, which low-precision generators can give, would pass every token)."""
     c = probs.float().cumsum(-1)  # (..., K)
-    u = torch.rand(c.shape[:-1] + (1,), generator=generator, device=probs.device) * c[..., -1:]  # (..., 1)
-    return (c <= u).sum(-1).clamp(max=probs.shape[-1] - 1)
+    tot = c[..., -1:]  # (..., 1)
+    u = torch.rand(tot.shape, generator=generator, device=probs.device) * tot  # (..., 1)
+    u = torch.minimum(u, torch.nextafter(tot, torch.zeros_like(tot)))  # u < c_K always
+    return (c <= u).sum(-1)
 
 # %% ../nbs/31_paella.ipynb #31_paella-034
 def _check_steps(steps, strength) -> None:
     if not isinstance(steps, int) or steps < 1: raise InputError(f"steps must be a whole number >= 1, got {steps!r}")
     if not 0 < strength <= 1: raise InputError(f"strength must be in (0, 1] (1 = start from pure noise), got {strength}")
 
-def _given_region(prior, given, region, B: int, dev):
+def _given_region(prior, given, region, B: int, dev, strength: float = 1.0):
     """(given tokens (B, N) or None, region (B, N) bool: the places to draw). `given` is a whole grid (B, h, w), or
     rows (B, r, w) / a raster prefix (B, m) that stay while the rest is drawn; `region` (h, w) or (B, h, w) marks the
-    places to redraw in a whole given grid (inpainting); everything else stays bit-identical."""
+    places to redraw in a whole given grid (inpainting); everything else stays bit-identical. `strength` < 1 varies a
+    given image, so it needs a whole grid."""
     N, K = prior.n_img, prior.image_vocab
+    if strength < 1 and (given is None or given.reshape(given.shape[0], -1).shape[1] != N):
+        raise InputError(f"strength {strength} < 1 varies a given image; pass given=(B, {prior.h}, {prior.w}) tokens of a whole grid, or strength 1 to draw from scratch")
     if given is None:
         if region is not None: raise InputError("region needs the tokens of the image to inpaint; pass given=(B, h, w) tokens")
         return None, torch.ones(B, N, dtype=torch.bool, device=dev)
@@ -295,11 +304,11 @@ def renoise_sample(prior, text: torch.Tensor, steps: int = 12, temperature: floa
     places outside `region` keep them bit-identical; `strength` < 1 starts from `given` renoised by that ratio
     (variations). `trace`, a list, receives the sampled grid `(B, h, w)` of every step."""
     dev, B, rows, cfg = _start(prior, text, temperature, top_k, top_p, guidance, steps, strength)
-    full, reg = _given_region(prior, given, region, B, dev)
+    full, reg = _given_region(prior, given, region, B, dev, strength)
     u_init = torch.randint(0, prior.image_vocab, (B, prior.n_img), generator=generator, device=dev)  # (B, N)
     if full is not None: u_init = torch.where(reg, u_init, full)  # the kept places are their own "noise"
     ts = paella_timesteps(steps, strength).to(dev)
-    u = u_init if full is None or strength >= 1 else renoise(full, ts[0].expand(B), u_init, generator)[0]
+    u = u_init if strength >= 1 else renoise(full, ts[0].expand(B), u_init, generator)[0]  # variations: given, renoised
     with eval_mode(prior), autocast(dev):
         ctx = prior.encode(rows)  # (R, L, D): the text is encoded once
         for i in progress(range(steps), desc='renoising', disable=not show_progress, leave=False):
@@ -337,11 +346,11 @@ def mask_sample(prior, text: torch.Tensor, steps: int = 8, temperature: float = 
     floor(gamma((i+1)/T) * M) least confident (M: the places masked at the start). Unmasked tokens never change;
     the mask token is an input only and is never drawn. Returns `(B, h, w)`; `trace` gets the filled grid per step."""
     dev, B, rows, cfg = _start(prior, text, temperature, top_k, top_p, guidance, steps, strength)
-    full, reg = _given_region(prior, given, region, B, dev)
+    full, reg = _given_region(prior, given, region, B, dev, strength)
     if strength < 1: reg = reg & (torch.rand(reg.shape, generator=generator, device=dev) < strength)
     x = torch.full((B, prior.n_img), prior.mask_id, dtype=torch.long, device=dev)
     if full is not None: x = torch.where(reg, x, full)
-    M = reg.sum(1)  # (B,) places to draw
+    M = reg.sum(1).cpu().double()  # (B,) places to draw (float64 on the CPU: MPS has no float64)
     with eval_mode(prior), autocast(dev):
         ctx = prior.encode(rows)
         for i in progress(range(steps), desc='unmasking', disable=not show_progress, leave=False):
@@ -353,7 +362,8 @@ def mask_sample(prior, text: torch.Tensor, steps: int = 8, temperature: float = 
             g = -torch.log(-torch.log(torch.rand(p.shape, generator=generator, device=dev).clamp(1e-20, 1)))  # Gumbel
             conf = p.clamp_min(1e-20).log() + choice_temperature * (1 - (i + 1) / steps) * g
             conf = conf.masked_fill(~masked, float('inf'))  # unmasked places are never re-masked
-            n = (mask_schedule(torch.tensor((i + 1) / steps, dtype=torch.float64), prior.schedule) * M).floor().long()  # (B,)
+            gamma = mask_schedule(torch.tensor((i + 1) / steps, dtype=torch.float64), prior.schedule)  # float64 scalar
+            n = (gamma * M).floor().long().to(dev)  # (B,) places masked after this step
             n = torch.minimum(n, masked.sum(1) - 1).clamp(min=0)  # at least one new token per step
             remask = conf.argsort(1).argsort(1) < n[:, None]
             x = filled.masked_fill(remask, prior.mask_id)
@@ -363,7 +373,7 @@ class MaskGITPrior(TokenPredictorPrior):
     "MaskGIT on the same text encoder and U-Net: a mask token (id K, input only), a masking schedule, confidence re-masking."
     kind = arch = 'maskgit'
     sampler = 'masking'
-    extra_tokens = 1
+    extra_tokens, kind_keys = 1, ('schedule',)
     sampler_options = TokenPredictorPrior.sampler_options + ('choice_temperature',)
     default_sampling = {**TokenPredictorPrior.default_sampling, 'steps': 8}  # MaskGIT's 8 steps
 

@@ -197,6 +197,12 @@ class TextEncoder(nn.Module):
         return self.encoder(self.text_emb(text) + self.text_pos(self.text_len))
 
 
+def _old_encoder_keys(module, state, prefix, *_):
+    "G2 checkpoints saved before the `TextEncoder` module held its parts at the top: `encoder.*` -> `text_encoder.encoder.*`."
+    for k in [k for k in state if k.startswith(tuple(prefix + p for p in ('text_emb.', 'text_pos.', 'encoder.')))]:
+        state[prefix + 'text_encoder.' + k[len(prefix):]] = state.pop(k)
+
+
 class SeparatePrior(AutoregressivePrior):
     "G2 (thesis): bidirectional text encoder + causal image decoder with cross-attention and a learned BOS."
     kind = arch = 'separate'
@@ -217,6 +223,7 @@ class SeparatePrior(AutoregressivePrior):
         self.decoder = Transformer(dim, depth, n_heads, [CausalSpec(h * w)] * depth, mlp_ratio, dropout,
                                    cross=True, ctx_dim=dim)
         self.image_head = nn.Linear(dim, image_vocab)
+        self.register_load_state_dict_pre_hook(_old_encoder_keys)
 
     def encode(self, text: torch.Tensor) -> torch.Tensor:
         "Text `(B, L)` -> encoded text `(B, L, D)` (the decoder's cross-attention context)."

@@ -89,6 +89,78 @@ def test_categorical_matches_multinomial_and_skips_zero_probability():
     assert f[1] == 0 and torch.allclose(f, p[0], atol=0.006)
 
 
+def test_categorical_never_reaches_a_zero_probability_tail_when_u_is_one(monkeypatch):
+    "A uniform of exactly 1 (low-precision generators can give one) must still land on a token with probability > 0."
+    p = torch.tensor([[1.5, 1.5, 0.0, 0.0]])                     # unnormalised: total 3, trailing zeros
+    monkeypatch.setattr(torch, 'rand', lambda shape, **kw: torch.ones(shape))
+    assert categorical(p).tolist() == [1]                        # not 3 (p = 0) nor 4 (no such token)
+
+
+def test_strength_needs_a_whole_given_grid():
+    for cls in (PaellaPrior, MaskGITPrior):
+        p, text = _prior(cls), _text()
+        z = torch.randint(0, 16, (3, 8, 8))
+        with pytest.raises(InputError, match='strength 0.5 < 1 varies a given image'): p.generate(text, strength=0.5)
+        with pytest.raises(InputError, match='whole grid'): p.generate(text, given=z[:, :3], strength=0.5)
+        with pytest.raises(InputError, match=r'strength must be in \(0, 1\]'): p.generate(text, given=z, strength=0)
+
+
+def test_unknown_constructor_argument_refused():
+    with pytest.raises(TypeError, match='schedule'): _prior(PaellaPrior, schedule='cosine')  # Paella has no schedule
+    assert _prior(MaskGITPrior, schedule='linear').config['schedule'] == 'linear'
+
+
+def test_paella_algorithm_1_levels_and_renoising_to_the_initial_noise(monkeypatch):
+    """Stub the model's draw with "token 0 everywhere": step i sees level t_i, and its input is the previous sample
+    with a fraction t_i of the places put back to the *initial* noise u_init (not fresh noise)."""
+    import dalle_course.paella as pa
+    seen = []
+    def draw(prior, x, level, *a, **k):
+        seen.append((x.clone(), level.clone())); return torch.zeros_like(x), torch.ones(x.shape)
+    monkeypatch.setattr(pa, '_draw', draw)
+    p, B = _prior(PaellaPrior), 32
+    z = pa.renoise_sample(p, _text(B), steps=5, generator=torch.Generator().manual_seed(0))
+    ts = paella_timesteps(5)
+    assert [lev.tolist() for _, lev in seen] == [[float(t)] * B for t in ts]
+    u_init = seen[0][0]
+    assert (u_init != 0).float().mean() > 0.9                          # the random start
+    for (x, _), t in zip(seen[1:], ts[1:]):
+        assert ((x == 0) | (x == u_init)).all()                       # each place: the sample or its own initial noise
+        back = ((x == u_init) & (u_init != 0)).float().sum() / (u_init != 0).float().sum()
+        assert abs(float(back) - float(t)) < 0.05, (float(back), float(t))
+    assert (z == 0).all()                                              # the last step is not renoised
+
+
+def test_maskgit_remasks_the_least_confident(monkeypatch):
+    "Stub the draw with fixed confidences: without choice noise the masked places after step i are the lowest ones."
+    import dalle_course.paella as pa
+    N = 64
+    conf = torch.randperm(N, generator=torch.Generator().manual_seed(3)).float().add(1) / (N + 1)  # (N,) distinct
+    seen = []
+    def draw(prior, x, level, *a, **k):
+        seen.append(x.clone()); return torch.full_like(x, 5), conf.expand(x.shape).clone()
+    monkeypatch.setattr(pa, '_draw', draw)
+    p = _prior(MaskGITPrior)
+    z = pa.mask_sample(p, _text(1), steps=4, choice_temperature=0.0)
+    order = conf.argsort()                                              # least confident first
+    for i, x in enumerate(seen[1:], 1):
+        n = math.floor(math.cos(math.pi / 2 * i / 4) * N)
+        assert set((x[0] == 16).nonzero()[:, 0].tolist()) == set(order[:n].tolist()), i
+    assert (z == 5).all()
+
+
+def test_recipes_of_the_parallel_priors():
+    from dalle_course.prior_training import resolve_prior_recipe
+    r = resolve_prior_recipe('maskgit', 'tiny', 100, 21, 6, 16, 8, 8, overrides={'model': {'schedule': 'arccos'}})
+    assert r.model['schedule'] == 'arccos' and MaskGITPrior(**r.model).schedule == 'arccos'
+    assert r.extra['sampling']['steps'] == 8                          # MaskGIT's own default reaches the recipe
+    paella = resolve_prior_recipe('paella', 'tiny', 100, 21, 6, 16, 8, 8).model
+    joint = resolve_prior_recipe('joint', 'tiny', 100, 21, 6, 16, 8, 8).model
+    assert paella['channels'] == (48, 96, 96) or list(paella['channels']) == [48, 96, 96]
+    assert 'channels' not in joint and 'schedule' not in paella        # each class gets only the keys it has
+    PaellaPrior(**paella)
+
+
 @pytest.mark.parametrize('cls', [PaellaPrior, MaskGITPrior])
 def test_sampler_contract(cls):
     p = _prior(cls)
@@ -176,3 +248,26 @@ def test_bench_samplers_tiny(tmp_path):
     res = json.loads((tmp_path / 'sw' / 'sweep.json').read_text())
     assert rc == 0 and [r['steps'] for r in res['rows']] == [2, 3] and (tmp_path / 'sw' / 'sweep.png').is_file()
     assert all(0 <= r['attributes'] <= 1 and r['images_per_s'] > 0 for r in res['rows'])
+
+
+@pytest.mark.parametrize('extra,match', [(['--prior', '{mg}'], 'given twice'),
+                                         (['--clip', '{tmp}/no_clip'], 'no_clip has no'),
+                                         (['--classifier', '{tmp}/no_ruler.safetensors'], 'no attribute classifier at')])
+def test_bench_samplers_refuses_bad_input_before_writing(tmp_path, capsys, extra, match):
+    from dalle_course.cli import main
+    from dalle_course.prior_training import SHIPPED_DEMO_RUN
+    mg = str(SHIPPED_DEMO_RUN.parent / 'maskgit_64')
+    extra = [e.format(mg=mg, tmp=tmp_path) for e in extra]
+    rc = main(['bench', 'samplers', '--prior', mg, '--steps', '2', '--n', '2', '--out', str(tmp_path / 'sw'), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and match in err and len(err.strip().splitlines()) == 1 and not (tmp_path / 'sw').exists()
+
+
+def test_bench_samplers_checks_out_before_sampling(tmp_path, capsys, monkeypatch):
+    import dalle_course.paella as pa
+    from dalle_course.cli import main
+    from dalle_course.prior_training import SHIPPED_DEMO_RUN
+    (tmp_path / 'sw').mkdir(); (tmp_path / 'sw' / 'mine.txt').write_text('keep')
+    monkeypatch.setattr(pa, 'step_sweep', lambda *a, **k: pytest.fail('sampled before --out was checked'))
+    rc = main(['bench', 'samplers', '--prior', str(SHIPPED_DEMO_RUN.parent / 'maskgit_64'), '--out', str(tmp_path / 'sw')])
+    assert rc == 2 and 'did not write' in capsys.readouterr().err and (tmp_path / 'sw' / 'mine.txt').read_text() == 'keep'

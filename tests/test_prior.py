@@ -158,6 +158,18 @@ def test_save_load(tmp_path, kind, pattern):
     assert_close(m2(text, img)['image_logits'], m(text, img)['image_logits'])
 
 
+def test_separate_loads_checkpoints_from_before_the_text_encoder_module():
+    "G2 state dicts saved before lesson 31 keep text_emb/text_pos/encoder at the top; they load into today's layout."
+    m = make('separate'); text, img = data()
+    old = {k.removeprefix('text_encoder.'): v for k, v in m.state_dict().items()}
+    assert any(k.startswith('encoder.') for k in old) and not any(k.startswith('text_encoder.') for k in old)
+    m2 = make('separate', seed=5)
+    assert not torch.allclose(m2(text, img)['image_logits'], m(text, img)['image_logits'])
+    m2.load_state_dict(old)                                       # strict: every key lands somewhere
+    assert_close(m2(text, img)['image_logits'], m(text, img)['image_logits'])
+    assert set(m2.state_dict()) == set(m.state_dict())
+
+
 @pytest.mark.parametrize('kind', ['joint', 'separate'])
 def test_overfit(kind):
     m = make(kind, p_uncond=0.0).train(); text, img = data(B=4, seed=5)

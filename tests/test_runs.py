@@ -226,17 +226,22 @@ def test_captions_are_encoded_per_step_with_dropout_and_several_captions():
 def test_prior_contract_and_sampler_options():
     from dalle_course.prior import PRIORS, AutoregressivePrior, Prior
     from dalle_course.prior_training import resolve_prior_recipe
+    assert {'joint', 'separate', 'paella', 'maskgit'} <= set(PRIORS)         # lesson 31's priors are registered too
     for arch, cls in PRIORS.items():
         assert issubclass(cls, Prior) and cls.arch == arch
-        r = resolve_prior_recipe(arch, 'tiny', 100, 21, 12, 64, 4, 4)
+        r = resolve_prior_recipe(arch, 'tiny', 100, 21, 12, 64, 8, 8)          # 8x8: the U-Net's 3 levels of patch 2
         m = cls(**r.model)
-        assert (m.text_vocab, m.image_vocab, m.text_len, m.h, m.w, m.n_img) == (21, 64, 12, 4, 4, 16)
+        assert (m.text_vocab, m.image_vocab, m.text_len, m.h, m.w, m.n_img) == (21, 64, 12, 8, 8, 64)
         assert m.null_text(3).shape == (3, 12) and (m.null_text(3) == m.pad_id).all()
         z = m.generate(torch.randint(1, 21, (2, 12)), top_k=3, generator=torch.Generator().manual_seed(0))
-        assert z.shape == (2, 4, 4) and int(z.max()) < 64
-        with pytest.raises(InputError, match="no option 'steps'"): m.generate(torch.ones(1, 12, dtype=torch.long), steps=8)
-        loss, logs = m.loss({'text': torch.randint(1, 21, (2, 12)), 'image': torch.randint(0, 64, (2, 16))})
-        assert torch.isfinite(loss) and 'ce_image' in logs
+        assert z.shape == (2, 8, 8) and int(z.min()) >= 0 and int(z.max()) < 64    # codebook tokens only
+        if issubclass(cls, AutoregressivePrior):                                 # one token a step: no step count
+            with pytest.raises(InputError, match="no option 'steps'"): m.generate(torch.ones(1, 12, dtype=torch.long), steps=8)
+        else:
+            assert m.generate(torch.ones(1, 12, dtype=torch.long), steps=2).shape == (1, 8, 8)
+        with pytest.raises(InputError, match="no option 'beam'"): m.generate(torch.ones(1, 12, dtype=torch.long), beam=4)
+        loss, logs = m.loss({'text': torch.randint(1, 21, (2, 12)), 'image': torch.randint(0, 64, (2, 64))})
+        assert torch.isfinite(loss) and any(k.startswith('ce_') for k in logs)   # ce_image, ce_noised, ce_masked
     # each architecture takes the keys it has: G1 has no encoder depth, G2 no mask pattern
     assert 'enc_depth' not in resolve_prior_recipe('joint', 'tiny', 100, 21, 12, 64, 4, 4).model
     assert 'mask_pattern' not in resolve_prior_recipe('separate', 'tiny', 100, 21, 12, 64, 4, 4).model
