@@ -214,15 +214,17 @@ def run_bench_samplers(args) -> int:
     import json
     from dalle_course.paella import plot_sweep, step_sweep, sweep_table
     from dalle_course.runs import RunFolder
+    from dalle_course.sampling import check_sampling_args
     runs = {}
     for r in args.prior:
         if any(r.resolve() == q.resolve() for q in runs.values()): raise InputError(f"--prior {r} is given twice; name each run once")
         runs[r.name if r.name not in runs else str(r)] = r
+    sampling = {k: v for k, v in dict(guidance=args.guidance, temperature=args.temperature, top_k=args.top_k).items() if v is not None}
+    check_sampling_args(**sampling)  # a bad --temperature or --guidance before anything loads
     rf = RunFolder(args.out, 'bench samplers', overwrite=args.overwrite, resumable=False)
     rf.check()  # --out first, writing nothing; step_sweep loads every prior, the CLIP and the ruler before it samples
     res = step_sweep(runs, steps=args.steps, n=args.n, seed=args.seed, batch_size=args.batch_size, device=args.device,
-                     clip_run=args.clip, classifier=args.classifier,
-                     sampling={k: v for k, v in dict(guidance=args.guidance, temperature=args.temperature, top_k=args.top_k).items() if v is not None})
+                     clip_run=args.clip, classifier=args.classifier, sampling=sampling)
     with rf:
         rf.file('sweep.json').write_text(json.dumps(res, indent=1))
         rf.file('sweep.md').write_text(sweep_table(res) + '\n')

@@ -139,7 +139,7 @@ class TokenUNet(nn.Module):
     `len(channels)` levels with `blocks` residual blocks per level on each path, self-attention at the levels in
     `attn_levels`, cross-attention to the text and the timestep in every block; logits at every grid position."""
     def __init__(self, vocab_in: int, vocab_out: int, h: int, w: int, ctx_dim: int, channels=(64, 128, 128), blocks: int = 1,
-                 attn_levels=(1, 2), patch: int = 2, n_heads: int = 4, kernel: int = 3, t_dim: int = 128):
+                 attn_levels=(1, 2), patch: int = 2, n_heads: int = 4, kernel: int = 3, t_dim: int = 128, mlp_ratio: int = 4):
         super().__init__()
         f = patch * 2 ** (len(channels) - 1)
         if h % f or w % f: raise InputError(f"a {h}x{w} token grid does not divide by {f} (patch {patch}, {len(channels)} levels); use fewer levels or patch 1")
@@ -148,7 +148,7 @@ class TokenUNet(nn.Module):
         self.patchify = nn.Conv2d(c0, c0, patch, stride=patch)  # (B, c0, h/p, w/p)
         self.pos = nn.Parameter(torch.randn(c0, h // patch, w // patch) * 0.02)  # where each patch is (slots are places)
         self.t_mlp = nn.Sequential(nn.Linear(t_dim, t_dim), nn.GELU(), nn.Linear(t_dim, t_dim))
-        blk = lambda l: UNetBlock(channels[l], t_dim, ctx_dim, n_heads, l in attn_levels, kernel)
+        blk = lambda l: UNetBlock(channels[l], t_dim, ctx_dim, n_heads, l in attn_levels, kernel, mlp_ratio)
         self.down = nn.ModuleList(nn.ModuleList(blk(l) for _ in range(blocks)) for l in range(len(channels)))
         self.up = nn.ModuleList(nn.ModuleList(blk(l) for _ in range(blocks)) for l in range(len(channels) - 1))
         self.pool = nn.ModuleList(nn.Conv2d(channels[l], channels[l + 1], 2, stride=2) for l in range(len(channels) - 1))
@@ -172,7 +172,8 @@ class TokenUNet(nn.Module):
 # %% ../nbs/31_paella.ipynb #31_paella-029
 class TokenPredictorPrior(Prior):
     """A non-autoregressive prior: the G2 text encoder (lesson 23) and a `TokenUNet` that predicts every image token
-    at once from a corrupted grid and its corruption level `t`. Subclasses give the corruption, the loss and the sampler."""
+    at once from a corrupted grid and its corruption level `t`. Subclasses give the corruption, the loss and the sampler.
+    `mlp_ratio` sizes the MLPs of the text encoder and of the U-Net's blocks; `dropout` is the text encoder's."""
     extra_tokens = 0  # input-only tokens after the codebook (MaskGIT's mask)
     kind_keys = ()  # the constructor arguments a subclass adds (recorded in `config`)
     sampler_options = ('steps', 'temperature', 'top_k', 'top_p', 'guidance', 'given', 'region', 'strength', 'generator',
@@ -195,7 +196,7 @@ class TokenPredictorPrior(Prior):
         self._set_sizes(text_vocab, image_vocab, text_len, h, w, pad_id); self.p_uncond = p_uncond
         self.text_encoder = TextEncoder(text_vocab, text_len, dim, enc_depth, n_heads, mlp_ratio, dropout, pad_id)
         self.unet = TokenUNet(image_vocab + self.extra_tokens, image_vocab, h, w, dim, channels, blocks, attn_levels,
-                              patch, n_heads, conv_kernel)
+                              patch, n_heads, conv_kernel, mlp_ratio=mlp_ratio)
 
     def encode(self, text: torch.Tensor) -> torch.Tensor:
         "Text `(B, L)` -> the cross-attention context `(B, L, D)`."
@@ -264,6 +265,8 @@ def _given_region(prior, given, region, B: int, dev, strength: float = 1.0):
     if g.numel() and (int(g.min()) < 0 or int(g.max()) >= K):
         raise InputError(f"given tokens must lie in 0..{K - 1} (the tokenizer's codebook); got {int(g.min())}..{int(g.max())}")
     m = g.shape[1]
+    if m == N and region is None and strength >= 1:
+        raise InputError("a whole given grid at strength 1 with no region would be redrawn entirely; pass region= (the places to redraw) or strength < 1 (a variation)")
     full = torch.cat([g, g.new_zeros(B, N - m)], 1)  # (B, N)
     reg = (torch.arange(N, device=dev) >= (m if m < N else 0)).expand(B, N).clone()  # a prefix stays; a whole grid: all
     if region is not None:

@@ -64,6 +64,17 @@ def test_mask_tokens_masks_gamma_not_one_minus_gamma():
     assert m.sum(1).tolist() == [90, 10] and (xm[m] == 16).all() and torch.equal(xm[~m], x[~m])
 
 
+def test_maskgit_loss_masks_gamma_of_r(monkeypatch):
+    "r = 0.5 under the cosine schedule masks ceil(cos(pi/4) * 64) = 46 places, not the 19 of an inverted 1 - gamma."
+    p = _prior(MaskGITPrior, p_uncond=0.0)
+    rand = torch.rand
+    monkeypatch.setattr(torch, 'rand', lambda *shape, **kw: torch.full(shape, 0.5) if len(shape) == 1 else rand(*shape, **kw))
+    seen = {}
+    p.forward = lambda text, x, t: (seen.update(x=x, t=t), {'image_logits': torch.zeros(2, 64, 16)})[1]
+    maskgit_loss(p, (_text(2), torch.randint(0, 16, (2, 64))))
+    assert (seen['x'] == 16).sum(1).tolist() == [46, 46] and torch.allclose(seen['t'], torch.full((2,), 46 / 64))
+
+
 def test_maskgit_loss_looks_at_masked_places_only():
     "Both directions: logits at unmasked places do not move the loss; logits at masked places do."
     p = _prior(MaskGITPrior, p_uncond=0.0)
@@ -184,6 +195,40 @@ def test_sampler_contract(cls):
     with pytest.raises(InputError, match='codebook'): p.generate(text, given=z + 16)
 
 
+@pytest.mark.parametrize('cls', [PaellaPrior, MaskGITPrior])
+def test_guidance_pushes_towards_the_caption_not_the_null_text(cls):
+    """Stub the network: a caption's rows favour token 1, null-text rows token 2. Guidance 5 must draw 1 and guidance 0
+    (the null text alone) 2: a sampler whose rows are [null; caption] while `guide` reads [caption; null] fails."""
+    p = _prior(cls)
+    p.encode = lambda text: (text == p.pad_id).all(1).float()[:, None, None].expand(-1, 6, 16)  # 1 = a null row
+    def predict(x, level, ctx):
+        null = ctx[:, 0, 0][:, None]                                        # (R, 1)
+        lg = torch.zeros(x.shape[0], 64, 16); lg[..., 1] = 5 * (1 - null); lg[..., 2] = 5 * null
+        return lg
+    p.predict = predict
+    for w, want in ((5.0, 1), (0.0, 2)):
+        z = p.generate(_text(), steps=3, guidance=w, top_k=1)
+        assert (z == want).all(), (w, z.unique())
+
+
+@pytest.mark.parametrize('cls', [PaellaPrior, MaskGITPrior])
+def test_inpainting_feeds_the_given_tokens_outside_the_region_at_every_step(cls, monkeypatch):
+    import dalle_course.paella as pa
+    seen = []
+    def draw(prior, x, level, *a, generator=None, **k):
+        seen.append(x.clone()); return torch.randint(0, 16, x.shape), torch.rand(x.shape)
+    monkeypatch.setattr(pa, '_draw', lambda prior, x, level, ctx, B, cfg, g, t, tk, tp, gen: draw(prior, x, level))
+    p, given = _prior(cls), torch.randint(0, 16, (3, 8, 8), generator=torch.Generator().manual_seed(4))
+    region = torch.zeros(8, 8, dtype=torch.bool); region[1:5, 2:6] = True              # 16 places
+    z = p.generate(_text(), steps=4, given=given, region=region)
+    keep = ~region.reshape(-1)
+    assert len(seen) == 4 and all(torch.equal(x[:, keep], given.reshape(3, -1)[:, keep]) for x in seen)
+    assert torch.equal(z[:, ~region], given[:, ~region]) and (z[:, region] != given[:, region]).any()
+    if cls is MaskGITPrior:                                                            # the schedule counts the region
+        left = [int((x == 16).sum()) // 3 for x in seen]
+        assert left == [16] + [math.floor(math.cos(math.pi / 2 * i / 4) * 16) for i in range(1, 4)]
+
+
 def test_mask_token_never_drawn_even_when_the_head_wants_it():
     "The head has K outputs; the mask (id K) is an input only. Force every logit flat: nothing outside 0..K-1 appears."
     p = _prior(MaskGITPrior)
@@ -252,7 +297,8 @@ def test_bench_samplers_tiny(tmp_path):
 
 @pytest.mark.parametrize('extra,match', [(['--prior', '{mg}'], 'given twice'),
                                          (['--clip', '{tmp}/no_clip'], 'no_clip has no'),
-                                         (['--classifier', '{tmp}/no_ruler.safetensors'], 'no attribute classifier at')])
+                                         (['--classifier', '{tmp}/no_ruler.safetensors'], 'no attribute classifier at'),
+                                         (['--temperature', '0'], 'temperature must be a finite number > 0')])
 def test_bench_samplers_refuses_bad_input_before_writing(tmp_path, capsys, extra, match):
     from dalle_course.cli import main
     from dalle_course.prior_training import SHIPPED_DEMO_RUN
