@@ -19,7 +19,7 @@ __all__ = ['check_colorize', 'check_slot_box', 'check_warmup_cosine_lr', 'check_
            'check_decode_step', 'check_mha', 'check_joint_shift', 'check_prior_loss', 'check_null_text', 'g1_parts',
            'check_g1_forward', 'check_top_k', 'check_top_p', 'check_guide', 'check_sample_loop',
            'check_ctrs_perturbation', 'check_contrastive_loss', 'check_renoise', 'check_paella_weight',
-           'check_mask_schedule']
+           'check_mask_schedule', 'check_static_attend']
 
 # %% ../nbs/91_checks.ipynb #91_checks-004
 @exercise_check
@@ -1231,3 +1231,27 @@ def check_mask_schedule(fn) -> None:
             "arccos: arccos(r) / (pi / 2), which runs from 1 down to 0": torch.cos(math.pi * r.double() / 2)}, atol=1e-5)
         expect_close(torch.as_tensor(out).double(), ref, f"mask_schedule(r, {kind!r}) at r = {r.tolist()}", atol=1e-5, hint=hint)
     passed('mask_schedule', 2)
+
+# %% ../nbs/91_checks.ipynb #91_checks-p32b
+@exercise_check
+def check_static_attend(fn) -> None:
+    "Check `fn(q (BH, 1, d), kt (BH, d, T), v (BH, T, d), bias_row (T,)) -> (BH, 1, d)` against torch's SDPA on the boolean mask."
+    g = torch.Generator().manual_seed(0); n = 0
+    for BH, T, d, seen in [(1, 5, 4, 3), (6, 12, 8, 12), (4, 30, 16, 7)]:
+        q, k, v = (torch.randn(BH, m, d, generator=g) for m in (1, T, T))
+        allow = torch.zeros(T, dtype=torch.bool); allow[:seen] = True
+        allow[torch.randperm(seen, generator=g)[:seen // 3]] = False; allow[seen - 1] = True  # holes, as in a DALL-E row
+        v[:, ~allow] = 1e4  # what an unseen slot holds must not reach the output
+        bias = torch.zeros(T).masked_fill(~allow, float('-inf'))
+        kt = k.transpose(1, 2).contiguous()
+        before = [x.clone() for x in (q, kt, v, bias)]
+        out = fn(q, kt, v, bias)
+        case = f"static_attend(q {(BH, 1, d)}, kt {(BH, d, T)}, v {(BH, T, d)}, {int(allow.sum())} of {T} keys seen)"
+        expect(all(torch.equal(a, b) for a, b in zip(before, (q, kt, v, bias))), f"{case} must not change its inputs", 'unchanged', 'changed')
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allow[None, None])  # (BH, 1, d)
+        hint = which_mistake(out, {
+            "scale the scores by 1/sqrt(d) before the softmax": torch.bmm(torch.bmm(q, kt).add(bias).softmax(-1), v),
+            "add the bias to the scores before the softmax: unseen keys must get weight exactly 0": torch.bmm(torch.bmm(q, kt).mul(d ** -0.5).softmax(-1), v)}, atol=1e-4)
+        expect_close(torch.as_tensor(out), ref, case, atol=1e-4, rtol=1e-4, hint=hint)
+        n += 1
+    passed('static_attend', n)

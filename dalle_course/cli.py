@@ -11,7 +11,8 @@ from .core import InputError
 
 # %% auto #0
 __all__ = ['PROG', 'TRAIN_COMMANDS', 'SAMPLE_SUFFIXES', 'run_data_mdmnist', 'run_train', 'run_sample', 'run_demo',
-           'run_bench_tokenizers', 'run_bench_samplers', 'run_exercises', 'run_lessons', 'build_parser', 'main']
+           'run_bench_tokenizers', 'run_bench_samplers', 'run_bench_train', 'run_bench_generate', 'run_bench_tokenizer',
+           'run_exercises', 'run_lessons', 'build_parser', 'main']
 
 # %% ../nbs/95_cli.ipynb #95_cli-004
 PROG = 'dalle-course'
@@ -232,6 +233,65 @@ def run_bench_samplers(args) -> int:
     print(sweep_table(res)); print(f"sweep.json, sweep.md and sweep.png in {args.out}")
     return 0
 
+def _bench_json(args):
+    "The --json file of a speed bench: new, or (with --overwrite) one an earlier `dalle-course bench` wrote."
+    import json
+    path = args.json
+    if path is None: return None
+    if path.suffix != '.json': raise InputError(f"--json {path} must end in .json")
+    if path.exists():
+        try: mine = path.is_file() and json.loads(path.read_text()).get('written_by') == 'dalle-course bench'
+        except (ValueError, AttributeError): mine = False
+        if not mine: raise InputError(f"--json {path} exists and was not written by dalle-course bench; choose a new file")
+        if not args.overwrite: raise InputError(f"--json {path} exists; pass --overwrite to replace it, or choose a new file")
+    _check_writable(path)
+    return path
+
+def _write_bench(path, res):
+    import json
+    if path is None: return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({'written_by': 'dalle-course bench', **res}, indent=1))
+    print(f"results in {path}")
+
+def _bench_sizes(args) -> dict:
+    from dalle_course.speed import bench_config
+    return bench_config(args.config, dim=args.dim, depth=args.depth, n_heads=args.heads, text_len=args.text_len,
+                        text_vocab=args.text_vocab, grid=args.grid, image_vocab=args.image_vocab, batch_size=args.batch_size)
+
+def run_bench_train(args) -> int:
+    "Time G1 training steps at a configuration: tokens/s, achieved FLOP/s, MFU, peak memory."
+    from dalle_course.core import get_device
+    from dalle_course.speed import bench_report, bench_train
+    cfg, path, dev = _bench_sizes(args), _bench_json(args), get_device(args.device)
+    if args.peak_tflops is not None and not args.peak_tflops > 0: raise InputError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
+    res = bench_train(cfg, mask=args.mask, steps=args.steps, warmup=args.warmup, device=dev, compile=args.compile,
+                      amp=not args.no_amp, peak_flops=None if args.peak_tflops is None else args.peak_tflops * 1e12)
+    print(bench_report(res)); _write_bench(path, res)
+    return 0
+
+def run_bench_generate(args) -> int:
+    "Time G1 sampling at a configuration: lesson 24's growing cache against the static cache, per-token cost by quarter."
+    from dalle_course.core import get_device
+    from dalle_course.sampling import check_sampling_args
+    from dalle_course.speed import bench_generate, bench_report
+    check_sampling_args(guidance=args.guidance)
+    cfg, path, dev = _bench_sizes(args), _bench_json(args), get_device(args.device)
+    res = bench_generate(cfg, mask=args.mask, repeats=args.repeats, warmup=args.warmup, device=dev, compile=args.compile,
+                         guidance=args.guidance, reference=not args.static_only)
+    print(bench_report(res)); _write_bench(path, res)
+    return 0
+
+def run_bench_tokenizer(args) -> int:
+    "Time an image tokenizer: encode, decode and a training step, in images/s."
+    from dalle_course.core import get_device
+    from dalle_course.speed import bench_report, bench_tokenizer
+    path, dev = _bench_json(args), get_device(args.device)
+    res = bench_tokenizer(args.kind, args.preset, args.image_size, args.batch_size, repeats=args.repeats,
+                          warmup=args.warmup, device=dev)
+    print(bench_report(res)); _write_bench(path, res)
+    return 0
+
 def run_exercises(args) -> int:
     "Write learner copies of the notebooks with the solutions removed."
     from dalle_course.exercises import write_learner_copies
@@ -385,8 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     _device_seed_args(dm)
     dm.set_defaults(func=run_demo)
 
-    be = sub.add_parser('bench', help='benchmarks that compare variants (tokenizers, samplers)',
-                        description='Train several variants on the same data and write comparison tables and plots.')
+    be = sub.add_parser('bench', help='benchmarks: compare variants (tokenizers, samplers) and time them (train, generate, tokenizer)',
+                        description='Train several variants on the same data and write comparison tables and plots '
+                        '(tokenizers, samplers), or time training, generation and a tokenizer (train, generate, tokenizer).')
     bsub = be.add_subparsers(dest='bench', metavar='WHAT', parser_class=_Parser); bsub.required = True
     bt = bsub.add_parser('tokenizers', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                          help='every tokenizer kind plus the thesis ablations (no KL; VQ-VAE without its tricks)',
@@ -418,6 +479,61 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument('--overwrite', action='store_true', help='replace an earlier sweep in --out (only its own files)')
     _device_seed_args(bs)
     bs.set_defaults(func=run_bench_samplers)
+
+    from dalle_course.speed import BENCH_CONFIGS
+    cfg_help = '; '.join(f"{k}: " + ', '.join(f"{a} {b}" for a, b in v.items()) for k, v in BENCH_CONFIGS.items())
+    for name, helptext, desc in [
+            ('train', 'time G1 training steps: tokens/s, GFLOP/s, MFU, peak memory',
+             "Time training steps (forward, backward, AdamW; fused AdamW and bf16 autocast on CUDA) of a randomly "
+             "initialised G1 at a configuration, after --warmup untimed steps: the median of --steps timed steps "
+             "(synchronised), tokens/s (batch x (text + image tokens)), achieved GFLOP/s (6 P + 12 n_layer T D per token) "
+             "and MFU against a peak that is measured (a large matmul) or given by --peak-tflops."),
+            ('generate', 'time G1 sampling: growing cache vs static cache, images/s, per-token cost',
+             "Sample one batch of images (tokens only, no decoding to pixels) from a randomly initialised G1, "
+             "with lesson 24's growing KV cache, with the static cache of lesson 32 and (--compile) with its step "
+             "compiled, after --warmup untimed batches: images/s from the median of --repeats batches, and the cost "
+             "per token step in the first and last quarter of the image.")]:
+        bp = bsub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, help=helptext,
+                             description=desc + " Configurations: " + cfg_help + ".")
+        bp.add_argument('--config', default='cpu', choices=list(BENCH_CONFIGS), help='named sizes; the options below change them')
+        for opt, what in [('dim', 'model width'), ('depth', 'layers'), ('heads', 'attention heads'), ('text-len', 'text tokens'),
+                          ('text-vocab', 'text vocabulary'), ('grid', 'image grid side (grid x grid tokens)'),
+                          ('image-vocab', 'image codebook size'), ('batch-size', 'captions per batch')]:
+            bp.add_argument(f'--{opt}', type=_positive_int, default=None, help=f'{what} (default: the config\'s)')
+        bp.add_argument('--mask', default='causal', choices=['causal', 'dalle'], help="attention masks: plain causal or DALL-E's row/column/conv")
+        if name == 'train':
+            bp.add_argument('--steps', type=_positive_int, default=10, help='timed steps')
+            bp.add_argument('--warmup', type=int, default=3, help='untimed steps first')
+            bp.add_argument('--no-amp', action='store_true', help='no bf16 autocast on CUDA')
+            bp.add_argument('--peak-tflops', type=float, default=None, help='peak TFLOP/s for MFU (default: measured)')
+            bp.add_argument('--compile', action='store_true', help='torch.compile the model')
+            bp.set_defaults(func=run_bench_train)
+        else:
+            bp.add_argument('--repeats', type=_positive_int, default=3, help='timed batches')
+            bp.add_argument('--warmup', type=int, default=1, help='untimed batches first')
+            bp.add_argument('--guidance', type=float, default=1.0, help='classifier-free guidance (1 = none; else 2B rows)')
+            bp.add_argument('--static-only', action='store_true', help="skip lesson 24's growing cache")
+            bp.add_argument('--compile', action='store_true', help='also time the static cache with its per-token step compiled (CUDA graphs on CUDA)')
+            bp.set_defaults(func=run_bench_generate)
+        bp.add_argument('--json', type=Path, default=None, help='also write the results to this new .json file')
+        bp.add_argument('--overwrite', action='store_true', help='replace a --json file an earlier bench wrote')
+        bp.add_argument('--device', default=None, help='cuda, mps or cpu (default: the best available)')
+    from dalle_course.tokenizer_training import KINDS, PRESETS as TOK_PRESETS
+    bk = bsub.add_parser('tokenizer', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                         help='time an image tokenizer: encode, decode and a training step (images/s)',
+                         description="Time a freshly built image tokenizer of --kind under --preset on random images: "
+                         "encoding, decoding and a training step (forward, backward, AdamW), in images/s from the "
+                         "median of --repeats batches after --warmup untimed ones.")
+    bk.add_argument('--kind', default='dvae-thesis', choices=list(KINDS), help='tokenizer kind')
+    bk.add_argument('--preset', default='tiny', choices=list(TOK_PRESETS), help='network sizes of this preset')
+    bk.add_argument('--image-size', type=_size, default=64, help='image side in pixels (64 or 128)')
+    bk.add_argument('--batch-size', type=_positive_int, default=32, help='images per batch')
+    bk.add_argument('--repeats', type=_positive_int, default=5, help='timed batches')
+    bk.add_argument('--warmup', type=int, default=2, help='untimed batches first')
+    bk.add_argument('--json', type=Path, default=None, help='also write the results to this new .json file')
+    bk.add_argument('--overwrite', action='store_true', help='replace a --json file an earlier bench wrote')
+    bk.add_argument('--device', default=None, help='cuda, mps or cpu (default: the best available)')
+    bk.set_defaults(func=run_bench_tokenizer)
 
     ev = sub.add_parser('eval', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                         help='judge one prior, or compare two (G1 vs G2): ruler, CLIP score, CTRS, CICS, CE',

@@ -1,0 +1,165 @@
+"The speed lesson (dalle_course.speed): timing, FLOP counts, the static KV cache against the uncached forward, the bench commands."
+import json
+import time
+import warnings
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from dalle_course.cli import main
+from dalle_course.core import InputError
+from dalle_course.prior import JointPrior, SeparatePrior
+from dalle_course.sampling import cached_logits, sample
+from dalle_course.speed import (StaticDecoder, bench_config, bench_generate, bench_report, bench_tokenizer, bench_train,
+                                matmul_params, time_steps, train_flops_per_token)
+
+
+def _priors():
+    torch.manual_seed(0)
+    return {'g1-causal': JointPrior(40, 12, 6, 4, 4, dim=32, depth=2, n_heads=4, mask_pattern='causal').eval(),
+            'g1-dalle': JointPrior(40, 12, 6, 4, 4, dim=32, depth=4, n_heads=4, mask_pattern='dalle').eval(),
+            'g2': SeparatePrior(40, 12, 6, 4, 4, dim=32, depth=2, n_heads=4).eval()}
+
+
+@pytest.mark.parametrize('name', ['g1-causal', 'g1-dalle', 'g2'])
+def test_static_cache_equals_uncached_forward(name):
+    prior = _priors()[name]
+    g = torch.Generator().manual_seed(1)
+    text, img = torch.randint(1, 40, (3, 6), generator=g), torch.randint(0, 12, (3, 16), generator=g)
+    with torch.no_grad(): ref = prior(text, img)['image_logits']  # (3, 16, 12)
+    dec = StaticDecoder(prior)
+    assert_close(cached_logits(dec, text, img), ref, atol=1e-5, rtol=1e-4)
+    # a second caption batch through the same buffers: nothing of the first may leak into it
+    text2, img2 = torch.randint(1, 40, (3, 6), generator=g), torch.randint(0, 12, (3, 16), generator=g)
+    with torch.no_grad(): ref2 = prior(text2, img2)['image_logits']
+    assert_close(cached_logits(dec, text2, img2), ref2, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('name', ['g1-dalle', 'g2'])
+def test_static_cache_samples_what_the_prior_samples(name):
+    prior = _priors()[name]
+    text = torch.randint(1, 40, (4, 6), generator=torch.Generator().manual_seed(2))
+    given = torch.randint(0, 12, (4, 1, 4), generator=torch.Generator().manual_seed(3))  # the top row fixed
+    for opts in (dict(), dict(guidance=3.0, top_k=5, temperature=0.7), dict(given=given, top_p=0.9)):
+        a = sample(prior, text, generator=torch.Generator().manual_seed(4), **opts)
+        b = sample(StaticDecoder(prior), text, generator=torch.Generator().manual_seed(4), **opts)
+        assert torch.equal(a, b), opts
+
+
+def test_static_cache_keeps_its_buffers_and_changes_no_weights():
+    prior = _priors()['g1-causal']
+    before = {k: v.clone() for k, v in prior.state_dict().items()}
+    dec = StaticDecoder(prior)
+    text = torch.randint(1, 40, (2, 6))
+    state, _ = dec.prefix(text)
+    ptrs = [t.data_ptr() for t in dec.kt + dec.v] + [dec.pos.data_ptr()]
+    shapes = [tuple(t.shape) for t in dec.kt + dec.v]
+    dec.extend(state, torch.randint(0, 12, (2, 15)))  # every token that can be fed
+    assert [t.data_ptr() for t in dec.kt + dec.v] + [dec.pos.data_ptr()] == ptrs  # written in place, never reallocated
+    assert [tuple(t.shape) for t in dec.kt + dec.v] == shapes
+    with pytest.raises(InputError, match='static cache holds'): dec.extend(state, torch.zeros(2, 1, dtype=torch.long))
+    assert all(torch.equal(v, prior.state_dict()[k]) for k, v in before.items())
+
+
+def test_static_cache_follows_changed_weights():
+    prior = _priors()['g1-causal']
+    dec = StaticDecoder(prior)
+    text, img = torch.randint(1, 40, (2, 6)), torch.randint(0, 12, (2, 16))
+    cached_logits(dec, text, img)
+    with torch.no_grad():
+        for p in prior.parameters(): p.add_(0.01 * torch.randn_like(p))  # "trained further"
+        ref = prior(text, img)['image_logits']
+    assert_close(cached_logits(dec, text, img), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_static_decoder_refuses_parallel_priors():
+    from dalle_course.paella import PaellaPrior
+    with pytest.raises(InputError, match='G1 \\(joint\\) and G2'):
+        StaticDecoder(PaellaPrior(40, 16, 6, 8, 8, dim=32, enc_depth=1, n_heads=2))
+
+
+def test_compile_failure_falls_back_to_the_eager_step(monkeypatch):
+    prior = _priors()['g1-causal']
+    text = torch.randint(1, 40, (2, 6))
+    ref = sample(prior, text, generator=torch.Generator().manual_seed(0))
+
+    def broken(*a, **k):
+        def f(*a, **k): raise RuntimeError('no compiler here')
+        return f
+    monkeypatch.setattr(torch, 'compile', broken)
+    dec = StaticDecoder(prior, compile=True)
+    with pytest.warns(UserWarning, match='torch.compile failed'):
+        out = sample(dec, text, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, ref)
+
+
+def test_compiled_step_equals_the_eager_step():
+    prior = _priors()['g1-dalle']
+    text, img = torch.randint(1, 40, (2, 6)), torch.randint(0, 12, (2, 16))
+    ref = cached_logits(StaticDecoder(prior), text, img)
+    dec = StaticDecoder(prior, compile=True)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter('always')
+        out = cached_logits(dec, text, img)
+    assert not [w for w in seen if 'torch.compile failed' in str(w.message)]  # the compiled step ran, no fallback
+    assert dec._fn is not dec.step
+    assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_time_steps_warms_up_and_takes_the_median():
+    calls = []
+    t = time_steps(lambda: (calls.append(1), time.sleep(0.01 * (len(calls) == 5))), warmup=2, repeats=5)
+    assert len(calls) == 7 and len(t['times']) == 5
+    assert t['max'] >= 0.01 and t['median'] < 0.005  # one slow call moves the max, not the median
+    with pytest.raises(InputError): time_steps(lambda: None, warmup=0, repeats=0)
+
+
+def test_flops_formula_against_torch_counter():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    prior = _priors()['g1-causal']
+    text, img = torch.randint(1, 40, (2, 6)), torch.randint(0, 12, (2, 16))
+    with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH): prior(text, img)
+    B, T, D, L, N = 2, 6 + 16 - 1, 32, 6, 16
+    heads = matmul_params(prior.text_head) + matmul_params(prior.image_head)
+    assert matmul_params(prior) == 2 * (12 * D * D) + heads  # 2 blocks of q, k, v, out and the 4x MLP
+    exact = B * (T * (2 * (matmul_params(prior) - heads) + 4 * 2 * T * D) + 2 * D * (40 * (L - 1) + 12 * N))
+    assert fc.get_total_flops() == exact
+    assert abs(B * T * train_flops_per_token(prior, T, 2, D) / 3 / exact - 1) < 0.1
+
+
+def test_bench_functions_on_the_tiny_config():
+    cfg = bench_config('tiny')
+    r = bench_train(cfg, mask='dalle', steps=2, warmup=1, peak_flops=1e12)
+    assert r['tokens_per_s'] > 0 and r['mfu'] == pytest.approx(r['flops_per_s'] / 1e12)
+    assert r['tokens_per_s'] == pytest.approx(2 * (8 + 16) / r['step_s']['median'])
+    g = bench_generate(cfg, repeats=1, warmup=0, guidance=2.0)
+    assert set(g['samplers']) == {'growing cache', 'static'} and all(v['images_per_s'] > 0 for v in g['samplers'].values())
+    k = bench_tokenizer('fsq', batch_size=2, repeats=1, warmup=0)
+    assert set(k['results']) == {'encode', 'decode', 'train step'}
+    for res in (r, g, k): assert bench_report(res).count('\n') >= 2
+    assert bench_config('cpu', dim=128)['dim'] == 128 and bench_config('anchor')['depth'] == 12
+    with pytest.raises(InputError, match='unknown bench config'): bench_config('huge')
+
+
+def test_bench_commands(tmp_path, capsys):
+    out = tmp_path / 'train.json'
+    assert main(['bench', 'train', '--config', 'tiny', '--steps', '2', '--warmup', '0', '--peak-tflops', '1',
+                 '--json', str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res['written_by'] == 'dalle-course bench' and res['what'] == 'train' and res['peak_source'] == 'given'
+    assert 'tokens/s' in capsys.readouterr().out
+    assert main(['bench', 'train', '--config', 'tiny', '--steps', '1', '--json', str(out)]) == 2  # exists
+    assert main(['bench', 'train', '--config', 'tiny', '--steps', '1', '--warmup', '0', '--peak-tflops', '1',
+                 '--json', str(out), '--overwrite']) == 0  # its own file
+    foreign = tmp_path / 'mine.json'; foreign.write_text('{"a": 1}')
+    assert main(['bench', 'generate', '--config', 'tiny', '--json', str(foreign), '--overwrite']) == 2
+    assert foreign.read_text() == '{"a": 1}'
+    assert main(['bench', 'generate', '--config', 'tiny', '--repeats', '1', '--grid', '2', '--static-only']) == 0
+    assert 'static' in capsys.readouterr().out
+    assert main(['bench', 'tokenizer', '--kind', 'dvae-dalle', '--batch-size', '2', '--repeats', '1']) == 0
+    assert main(['bench', 'train', '--config', 'tiny', '--dim', '30', '--heads', '4']) == 2
+    assert main(['bench', 'generate', '--config', 'tiny', '--guidance', 'inf']) == 2
+    err = capsys.readouterr().err
+    assert 'not divisible' in err and 'guidance' in err and len(err.strip().splitlines()) == 2
