@@ -266,7 +266,8 @@ def run_bench_train(args) -> int:
     cfg, path, dev = _bench_sizes(args), _bench_json(args), get_device(args.device)
     if args.peak_tflops is not None and not args.peak_tflops > 0: raise InputError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
     res = bench_train(cfg, mask=args.mask, steps=args.steps, warmup=args.warmup, device=dev, compile=args.compile,
-                      amp=not args.no_amp, peak_flops=None if args.peak_tflops is None else args.peak_tflops * 1e12)
+                      amp=not args.no_amp, peak_flops=None if args.peak_tflops is None else args.peak_tflops * 1e12,
+                      attention=args.attention)
     print(bench_report(res)); _write_bench(path, res)
     return 0
 
@@ -507,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
             bp.add_argument('--no-amp', action='store_true', help='no bf16 autocast on CUDA')
             bp.add_argument('--peak-tflops', type=float, default=None, help='peak TFLOP/s for MFU (default: measured)')
             bp.add_argument('--compile', action='store_true', help='torch.compile the model')
+            bp.add_argument('--attention', default='sdpa', choices=['sdpa', 'flex'],
+                            help="DALL-E mask layers through dense masks in SDPA, or FlexAttention block masks (CUDA only)")
             bp.set_defaults(func=run_bench_train)
         else:
             bp.add_argument('--repeats', type=_positive_int, default=3, help='timed batches')

@@ -227,10 +227,14 @@ def _base(cfg: dict, device, peak_flops: float | None) -> dict:
 
 
 def bench_train(cfg: dict, mask: str = 'causal', steps: int = 10, warmup: int = 3, device=None,
-                compile: bool = False, amp: bool = True, peak_flops: float | None = None) -> dict:
-    "Time training steps of a G1 (forward, backward, AdamW; fused on CUDA, bf16 autocast on CUDA if `amp`): tokens/s, MFU."
+                compile: bool = False, amp: bool = True, peak_flops: float | None = None, attention: str = 'sdpa') -> dict:
+    """Time training steps of a G1 (forward, backward, AdamW; fused on CUDA, bf16 autocast on CUDA if `amp`): tokens/s, MFU.
+    `attention='flex'` runs the DALL-E mask layers through FlexAttention (lesson 22; CUDA only: no backward on the CPU)."""
     device = get_device(device)
+    if attention == 'flex' and device.type != 'cuda':
+        raise InputError("FlexAttention has no backward on the CPU, so it cannot train there; use --attention sdpa (or a GPU)")
     prior = _prior(cfg, mask, device).train()
+    prior.transformer.set_attention(attention)
     opt = torch.optim.AdamW(prior.parameters(), lr=1e-4, fused=device.type == 'cuda')
     net = torch.compile(prior) if compile else prior
     batch = _batch(cfg, cfg['batch_size'], device)
@@ -244,7 +248,7 @@ def bench_train(cfg: dict, mask: str = 'causal', steps: int = 10, warmup: int = 
     seq = cfg['text_len'] + cfg['grid'] ** 2  # tokens per caption-image pair, as dalle-pytorch counts them
     tokens = cfg['batch_size'] * seq
     flops = train_flops_per_token(prior, seq, cfg['depth'], cfg['dim']) * tokens / t['median']
-    out.update(what='train', mask=mask, compile=compile, amp=amp and device.type == 'cuda', steps=steps, warmup=warmup,
+    out.update(what='train', mask=mask, attention=attention, compile=compile, amp=amp and device.type == 'cuda', steps=steps, warmup=warmup,
                step_s=t, tokens_per_s=tokens / t['median'], flops_per_s=flops, mfu=flops / out['peak_flops'],
                memory=peak_memory(device))
     return out
@@ -320,7 +324,7 @@ def bench_report(r: dict) -> str:
     cfg = (f"config {c['name']}: dim {c['dim']}, depth {c['depth']}, heads {c['n_heads']}x{c['dim'] // c['n_heads']}, "
            f"text {c['text_len']} (vocab {c['text_vocab']}), image {c['grid']}x{c['grid']} (vocab {c['image_vocab']}), mask {r['mask']}")
     if r['what'] == 'train':
-        return '\n'.join([f"{cfg}, batch {c['batch_size']}; {head}; compile {r['compile']}, bf16 autocast {r['amp']}",
+        return '\n'.join([f"{cfg}, batch {c['batch_size']}; {head}; attention {r['attention']}, compile {r['compile']}, bf16 autocast {r['amp']}",
                           f"  train step {_spread(r['step_s'])} over {r['steps']} steps after {r['warmup']} warm-up",
                           f"  {r['tokens_per_s']:,.0f} tokens/s, {r['flops_per_s'] / 1e9:,.1f} GFLOP/s achieved, MFU "
                           f"{100 * r['mfu']:.1f}% of {r['peak_flops'] / 1e9:,.0f} GFLOP/s ({r['peak_source']} peak)", f"  {mem}"])

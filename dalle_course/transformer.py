@@ -48,6 +48,22 @@ class KVCache:
         self.k, self.v, self.n = k, v, k.shape[2]
 
 
+_FLEX = {}
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
+    "FlexAttention (B, H, n, d): compiled on CUDA (where it is fast and has a backward); eager and forward-only on the CPU."
+    from torch.nn.attention.flex_attention import flex_attention
+    if q.device.type != 'cuda':
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            raise InputError("FlexAttention has no backward on the CPU; train with attention 'sdpa' there (flex is for CUDA)")
+        import warnings
+        with warnings.catch_warnings():  # the unfused CPU path warns that it is unfused: that is what it is for (tests)
+            warnings.simplefilter('ignore')
+            return flex_attention(q, k, v, block_mask=block_mask)
+    if 'cuda' not in _FLEX: _FLEX['cuda'] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX['cuda'](q, k, v, block_mask=block_mask)
+
+
 class MultiHeadAttention(nn.Module):
     "Multi-head (self- or cross-) attention on SDPA with a boolean mask (True = may attend) or `is_causal`, and an optional KV cache."
     def __init__(self, dim: int, n_heads: int, dropout: float = 0.0, cross: bool = False, ctx_dim: int | None = None):
@@ -63,8 +79,10 @@ class MultiHeadAttention(nn.Module):
         return rearrange(x, 'b t (h d) -> b h t d', h=self.h)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, context: torch.Tensor | None = None,
-                cache: KVCache | None = None, pos: int | None = None, is_causal: bool = False) -> torch.Tensor:
-        """`x` (B, n, D) -> (B, n, D). `mask`: bool, either already (n, T_keys) or a full (T, T) mask from which rows
+                cache: KVCache | None = None, pos: int | None = None, is_causal: bool = False,
+                block_mask=None) -> torch.Tensor:
+        """`x` (B, n, D) -> (B, n, D). `block_mask`: a FlexAttention `BlockMask` for self-attention without a cache
+        (then `mask` is not used). `mask`: bool, either already (n, T_keys) or a full (T, T) mask from which rows
         `[pos:pos+n, :pos+n]` are taken (`pos` defaults to the number of cached positions). `is_causal` (self-attention,
         no mask): plain causal, with SDPA's fused kernel when nothing is cached and no mask for one new query."""
         B, n, _ = x.shape
@@ -87,8 +105,11 @@ class MultiHeadAttention(nn.Module):
             if mask is not None and tuple(mask.shape[-2:]) != (n, k.shape[2]):
                 s = start if pos is None else pos
                 mask = mask[s:s + n, :s + n]  # (n, T_keys) rows of the new queries
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=is_causal)  # (B, H, n, d)
+        if block_mask is not None:  # FlexAttention: only the blocks the mask keeps are computed
+            y = _flex(q, k, v, block_mask)  # (B, H, n, d)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=is_causal)  # (B, H, n, d)
         return self.drop(self.out(rearrange(y, 'b h n d -> b n (h d)')))  # (B, n, D): the heads side by side again
 
 # %% ../nbs/22_transformer.ipynb #22_transformer-013
@@ -104,9 +125,10 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_ratio * dim, dim))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, context: torch.Tensor | None = None,
-                cache: dict | None = None, pos: int | None = None, is_causal: bool = False) -> torch.Tensor:
-        "`x` (B, n, D) -> (B, n, D); `cache` is `{'self': KVCache, 'cross': KVCache}` or None; `is_causal` for self-attention."
-        x = x + self.attn(self.ln1(x), mask, cache=None if cache is None else cache['self'], pos=pos, is_causal=is_causal)
+                cache: dict | None = None, pos: int | None = None, is_causal: bool = False, block_mask=None) -> torch.Tensor:
+        "`x` (B, n, D) -> (B, n, D); `cache` is `{'self': KVCache, 'cross': KVCache}` or None; `is_causal` or a FlexAttention `block_mask` for self-attention."
+        x = x + self.attn(self.ln1(x), mask, cache=None if cache is None else cache['self'], pos=pos, is_causal=is_causal,
+                          block_mask=block_mask)
         if self.cross:
             x = x + self.xattn(self.ln_x(x), context=context, cache=None if cache is None else cache['cross'])
         return x + self.mlp(self.ln2(x))
@@ -151,6 +173,8 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, n_heads, mlp_ratio, dropout, cross, ctx_dim) for _ in range(depth))
         self.ln_f = nn.LayerNorm(dim)
         self.causal = [isinstance(m, MaskSpec) and m.is_causal for m in masks]  # layers that may use SDPA's is_causal
+        self.specs = [m if isinstance(m, MaskSpec) and not m.is_causal else None for m in masks]  # what FlexAttention can run
+        self.attention, self._block_masks, self.dropout = 'sdpa', {}, dropout
         uniq, self.mask_idx, dense = [], [], {}  # store each distinct mask once; each distinct spec built once
         for m in masks:
             if m is None: self.mask_idx.append(None); continue
@@ -172,6 +196,23 @@ class Transformer(nn.Module):
         k = self.mask_idx[i]
         return None if k is None else getattr(self, f'mask{k}')
 
+    def set_attention(self, backend: str) -> 'Transformer':
+        """'sdpa' (default): dense boolean masks through SDPA. 'flex': layers with a non-causal `MaskSpec` run through
+        FlexAttention with block masks built once per length and device (full forward passes only; decoding with a
+        cache stays on SDPA). Plain causal layers keep SDPA's fused causal kernel either way."""
+        if backend not in ('sdpa', 'flex'): raise InputError(f"unknown attention backend {backend!r}; use 'sdpa' or 'flex'")
+        if backend == 'flex' and self.dropout > 0: raise InputError(f"FlexAttention has no attention dropout (dropout={self.dropout}); use 'sdpa' or dropout=0")
+        self.attention = backend
+        return self
+
+    def block_mask(self, i: int, n: int, device):
+        "Layer `i`'s FlexAttention `BlockMask` over `n` positions on `device`, built once and cached (one per distinct spec)."
+        key = (self.specs[i], n, str(device))
+        if key not in self._block_masks:
+            from torch.nn.attention.flex_attention import create_block_mask
+            self._block_masks[key] = create_block_mask(self.specs[i].mask_mod, None, None, n, n, device=str(device))
+        return self._block_masks[key]
+
     def new_cache(self, max_len: int | None = None) -> list[dict]:
         "An empty cache for incremental decoding: one `{'self': KVCache, 'cross': KVCache}` per layer."
         max_len = max_len or self.max_len
@@ -186,9 +227,11 @@ class Transformer(nn.Module):
             raise InputError(f"the cache holds {len(cache[0]['self'])} positions but start={start}; pass start=len(cache[0]['self'])")
         if self.max_len is not None and start + n > self.max_len:
             raise InputError(f"positions up to {start + n} but the masks cover {self.max_len}; build the masks for a longer sequence")
+        flex = self.attention == 'flex' and cache is None
         for i, blk in enumerate(self.blocks):
-            m, fused = self.mask(i), self.causal[i] and (start == 0 or n == 1)
+            m, fused, bm = self.mask(i), self.causal[i] and (start == 0 or n == 1), None
             if fused: m = None  # SDPA's causal kernel from position 0, or one new query that sees every key
+            elif flex and self.specs[i] is not None: m, bm = None, self.block_mask(i, n, x.device)
             elif m is not None: m = m[start:start + n, :start + n]  # (n, start + n)
-            x = blk(x, m, context=context, cache=None if cache is None else cache[i], is_causal=fused)
+            x = blk(x, m, context=context, cache=None if cache is None else cache[i], is_causal=fused, block_mask=bm)
         return self.ln_f(x)

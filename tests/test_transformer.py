@@ -177,3 +177,33 @@ def test_bad_input():
     with pytest.raises(InputError): model(torch.randn(1, 5, D))
     cache = model.new_cache(); model(torch.randn(1, 2, D), cache=cache, start=0)
     with pytest.raises(InputError): model(torch.randn(1, 1, D), cache=cache, start=3)
+
+
+def test_flex_attention_equals_the_dense_masks_where_it_runs():
+    "FlexAttention with block masks from the specs == SDPA with the dense masks (the reference), for a G1 with DALL-E's masks."
+    import pytest
+    from dalle_course.core import InputError
+    from dalle_course.prior import JointPrior
+    torch.manual_seed(0)
+    prior = JointPrior(40, 16, 8, 8, 8, dim=32, depth=4, n_heads=4, mask_pattern='dalle').eval()
+    text, img = torch.randint(1, 40, (2, 8)), torch.randint(0, 16, (2, 64))
+    with torch.no_grad():
+        ref = prior(text, img)
+        tr = prior.transformer.set_attention('flex')
+        out = prior(text, img)
+        assert tr.block_mask(0, tr.max_len, 'cpu') is tr.block_mask(1, tr.max_len, 'cpu')  # built once: layers 0, 1 share a spec
+        n_masks = len(tr._block_masks)
+        prior(text, img)
+        assert len(tr._block_masks) == n_masks == 3  # row, column, conv; the cache is reused on the next forward
+    for k in ref: torch.testing.assert_close(out[k], ref[k], atol=1e-5, rtol=1e-5)
+    # a wrong block mask (the row layers' predicate for every layer) must not pass for the reference
+    with torch.no_grad():
+        spec0 = tr.specs[0]
+        tr.specs = [spec0 if s is not None else None for s in tr.specs]; tr._block_masks.clear()
+        wrong = prior(text, img)['image_logits']
+    assert (wrong - ref['image_logits']).abs().max() > 1e-3
+    with pytest.raises(InputError, match='no backward on the CPU'):
+        prior.train(); prior(text, img)
+    with pytest.raises(InputError, match="use 'sdpa' or 'flex'"): tr.set_attention('dense')
+    from dalle_course.transformer import Transformer
+    with pytest.raises(InputError, match='no attention dropout'): Transformer(32, 1, 4, dropout=0.1).set_attention('flex')
