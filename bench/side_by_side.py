@@ -79,7 +79,7 @@ def measure(impl, what, cfg, mask, batch, steps, warmup, repeats, device, thread
         gen = lambda: sample(dec, text)
     if what == 'train':
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == 'cuda')
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=impl == 'dalle_course' or device == 'cuda')  # as each trains: dalle_course's Learner fuses AdamW
 
         def step():
             with amp: loss = loss_fn()

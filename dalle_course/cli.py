@@ -128,8 +128,11 @@ def run_train(args) -> int:
     inputs = [getattr(args, dest) for _, dest, _ in row['inputs']]
     res = fn(kind, *inputs, args.data, args.preset, out=args.out, test=args.test, resume=args.resume,
              overwrite=args.overwrite, steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every,
-             device=args.device, seed=args.seed, **row.get('kwargs', lambda a: {})(args))
-    print(row['report'](args, res))
+             device=args.device, seed=args.seed,
+             overrides={'train': {'grad_accum': args.grad_accum}} if args.grad_accum > 1 else None,
+             **row.get('kwargs', lambda a: {})(args))
+    from dalle_course.core import is_main_process
+    if is_main_process(): print(row['report'](args, res))  # under torchrun: one report, from rank 0
     return 0
 
 def _read_prompts(args) -> list[str]:
@@ -356,7 +359,11 @@ def _training_args(p: argparse.ArgumentParser, out_help: str, presets: dict, res
     p.add_argument('--eval-every', type=_positive_int, default=None,
                    help='evaluate on the test data every N steps (default: 10 to 20 times per run)')
     _device_seed_args(p)
-    if resume: p.add_argument('--resume', action='store_true', help='continue the run in --out from its checkpoint')
+    if resume:
+        p.add_argument('--resume', action='store_true', help='continue the run in --out from its checkpoint')
+        p.add_argument('--grad-accum', type=_positive_int, default=1,
+                       help='split each batch into this many micro-batches, gradients added up (less memory; under '
+                       'torchrun each of W processes runs batch-size / (W x grad-accum) at a time)')
     p.add_argument('--overwrite', action='store_true',
                    help='replace the run in --out: the files it wrote are deleted first (never any other file)')
 

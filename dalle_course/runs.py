@@ -118,8 +118,10 @@ class RunFolder:
 
     def open(self) -> RunFolder:
         "Check, then create (or continue, or clear what the old run wrote), lock and write the manifest."
-        if not self.main:  # under torchrun only rank 0 checks, locks and records; the others just know the paths
+        if not self.main:  # under torchrun only rank 0 checks, locks, records and writes; the others write to a scratch folder
             self.manifest = {'format': RUN_FORMAT, 'command': self.command, 'files': [], 'inputs': {}, 'children': []}
+            import tempfile
+            self._scratch = Path(tempfile.mkdtemp(prefix='dalle-course-rank-'))
             return self
         old = self.check()
         self.path.mkdir(parents=True, exist_ok=True)
@@ -145,6 +147,7 @@ class RunFolder:
     def prepare(self, recipe: Recipe, same=(), steps: int | None = None, verify=()) -> Recipe:
         """Check the policy (writing nothing) and return the recipe to train with: `recipe`, or, when resuming, the
         saved one (only `steps` may change) after checking each `(key path, option name)` of `same` agrees."""
+        if not self.main and not self.resume: return recipe  # under torchrun rank 0 checks; the others may see its first files
         old = self.check(inputs=False)  # the recipe's own fields first: they name the option that differs
         if old is None or not self.resume: return recipe
         ck = self.path / FILES['checkpoint']
@@ -166,6 +169,7 @@ class RunFolder:
     def child(self, name: str) -> Path:
         "The path of a sub-folder that another command's run folder will own (an `--overwrite` clears it too)."
         require(self.manifest is not None, f"{self} is not open; call open() before writing into it")
+        if not self.main: return self._scratch / name  # another rank: what it writes must not race rank 0's files
         if name not in self.manifest.setdefault('children', []):
             self.manifest['children'].append(name); self._save_manifest()
         return self.path / name
@@ -174,7 +178,9 @@ class RunFolder:
         "The path of the file `name` (a key of `FILES` or a relative path), recorded as written by this run."
         rel = FILES.get(name, name)
         require(self.manifest is not None, f"{self} is not open; call open() before writing into it")
-        if rel not in self.manifest['files'] and (self.path / rel).exists() and self.main:
+        if not self.main:  # another rank under torchrun: its copy of a result goes to its own scratch folder
+            path = self._scratch / rel; path.parent.mkdir(parents=True, exist_ok=True); return path
+        if rel not in self.manifest['files'] and (self.path / rel).exists():
             raise InputError(f"{self.path / rel} exists and was not written by this run; move it away or choose another --out")
         if rel not in self.manifest['files']:
             self.manifest['files'].append(rel); self._save_manifest()
@@ -203,7 +209,10 @@ class RunFolder:
         self._lock = fd
 
     def close(self):
-        "Release the lock (the folder stays as it is)."
+        "Release the lock (the folder stays as it is); another rank's scratch folder goes."
+        if getattr(self, '_scratch', None) is not None:
+            import shutil
+            shutil.rmtree(self._scratch, ignore_errors=True); self._scratch = None
         if self._lock is None: return
         import fcntl
         fd, self._lock = self._lock, None
@@ -280,6 +289,13 @@ class Recipe:
     train: dict                 # TrainConfig settings
     hparams: dict = field(default_factory=dict)   # scheduled hyperparameters (Schedule dicts or numbers)
     extra: dict = field(default_factory=dict)     # stage-specific settings, e.g. {'codebook_lr_mult': 10.0}
+
+    def __post_init__(self):
+        "A batch that does not split evenly over torchrun's processes and the micro-batches of `grad_accum` fails here, before any run folder is touched."
+        B, k, world = self.train.get('batch_size'), self.train.get('grad_accum', 1), int(os.environ.get('WORLD_SIZE', '1'))
+        require(isinstance(k, int) and k >= 1, f"grad_accum must be a whole number >= 1, got {k!r}")
+        require(B is None or B % (world * k) == 0, f"batch size {B} does not split into {world} process(es) x {k} "
+                f"micro-batch(es) (grad_accum); use a batch size that is a multiple of {world * k}")
 
     def __getitem__(self, k):
         if k in self.extra: return self.extra[k]

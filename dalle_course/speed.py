@@ -235,7 +235,7 @@ def bench_train(cfg: dict, mask: str = 'causal', steps: int = 10, warmup: int = 
         raise InputError("FlexAttention has no backward on the CPU, so it cannot train there; use --attention sdpa (or a GPU)")
     prior = _prior(cfg, mask, device).train()
     prior.transformer.set_attention(attention)
-    opt = torch.optim.AdamW(prior.parameters(), lr=1e-4, fused=device.type == 'cuda')
+    opt = torch.optim.AdamW(prior.parameters(), lr=1e-4, fused=device.type in ('cuda', 'cpu'))
     net = torch.compile(prior) if compile else prior
     batch = _batch(cfg, cfg['batch_size'], device)
 
@@ -290,7 +290,7 @@ def bench_tokenizer(kind: str = 'dvae-thesis', preset: str = 'tiny', image_size:
     tok = build_tokenizer(recipe).to(device)
     loss_fn, hp = tokenizer_loss(kind), {k: s(0) for k, s in tokenizer_hparams(recipe).items()}
     x = torch.rand(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device)
-    opt = torch.optim.AdamW(tok.parameters(), lr=1e-4, fused=device.type == 'cuda')
+    opt = torch.optim.AdamW(tok.parameters(), lr=1e-4, fused=device.type in ('cuda', 'cpu'))
     with torch.no_grad(): tokens = tok.eval().encode(x)
 
     def train_step():

@@ -1,6 +1,6 @@
 """A tiny deterministic training run, used by tests/test_learner.py both in one process and under torchrun.
 
-    python -m torch.distributed.run --nproc_per_node 2 --standalone tests/ddp_script.py OUT_DIR
+    python -m torch.distributed.run --nproc_per_node 2 --standalone tests/ddp_script.py OUT_DIR [GRAD_ACCUM]
 """
 import sys
 
@@ -24,10 +24,11 @@ def build():
     return model, loss_fn, ds, cfg
 
 
-def main(out):
+def main(out, grad_accum: int = 1):
+    import dataclasses
     model, loss_fn, ds, cfg = build()
-    return Learner(model, loss_fn, ds, cfg, out=out).fit()
+    return Learner(model, loss_fn, ds, dataclasses.replace(cfg, grad_accum=grad_accum), out=out).fit()
 
 
 if __name__ == '__main__':
-    main(sys.argv[1])
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1)

@@ -90,3 +90,28 @@ def test_exercises_command(tmp_path):
     assert r.returncode == 2 and '--overwrite' in r.stderr
     r = dc('exercises', '--out', tmp_path / 'x', '--nbs', tmp_path / 'empty')
     assert r.returncode == 2 and 'no notebooks' in r.stderr
+
+
+def test_train_command_under_torchrun_with_gradient_accumulation(tmp_path):
+    "A training command as typed under torchrun (2 Gloo processes on the CPU): rank 0 writes the run, the other rank nothing."
+    import os, subprocess, sys
+    from dalle_course.cli import main
+    assert main(['data', 'mdmnist', '--n', '48', '--seed', '0', '--size', '64', '--split', 'train', '--out', str(tmp_path / 'train')]) == 0
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')}
+    env.update(OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='', TMPDIR=str(tmp_path / 'tmp'))
+    (tmp_path / 'tmp').mkdir()
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--standalone', '-m', 'dalle_course.cli',
+           'train', 'tokenizer', '--kind', 'vqvae', '--data', str(tmp_path / 'train'), '--preset', 'tiny', '--steps', '3',
+           '--batch-size', '8', '--grad-accum', '2', '--out', str(tmp_path / 'run')]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count('codebook usage') == 1  # one report
+    recipe = json.loads((tmp_path / 'run' / 'recipe.json').read_text())
+    assert recipe['train']['grad_accum'] == 2 and recipe['train']['batch_size'] == 8
+    steps = [json.loads(l)['step'] for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines() if '"train"' in l]
+    assert steps and steps == sorted(set(steps)) and steps[-1] == 3  # one writer: each logged step once
+    assert (tmp_path / 'run' / 'tokenizer.safetensors').is_file() and not list((tmp_path / 'tmp').glob('dalle-course-rank-*'))  # scratch removed
+    # a batch that does not split over 2 processes x 3 micro-batches: one line, exit 2, nothing written
+    r = subprocess.run(cmd[:-6] + ['--batch-size', '8', '--grad-accum', '3', '--out', str(tmp_path / 'bad')], env=env,
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode != 0 and 'multiple of 6' in r.stderr and not (tmp_path / 'bad').exists()

@@ -346,6 +346,36 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     print('DDP vs single process, max abs weight difference:', max((wd[k] - ws[k]).abs().max().item() for k in ws))
 
 
+def test_gradient_accumulation_equals_the_whole_batch(tmp_path):
+    "k micro-batches of B/k make the update of one batch of B (a loss without batch statistics), under DDP too."
+    spec = importlib.util.spec_from_file_location('ddp_script', HERE / 'ddp_script.py')
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    one, four = mod.main(tmp_path / 'one'), mod.main(tmp_path / 'accum4', grad_accum=4)
+    w1, w4 = _weights(tmp_path / 'one'), _weights(tmp_path / 'accum4')
+    for k in w1: assert_close(w4[k], w1[k], rtol=0, atol=1e-6)
+    assert math.isclose(one['loss'], four['loss'], rel_tol=1e-5)
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')}
+    env.update(OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--standalone',
+                        str(HERE / 'ddp_script.py'), str(tmp_path / 'ddp2'), '2'], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    wd = _weights(tmp_path / 'ddp2')
+    for k in w1: assert_close(wd[k], w1[k], rtol=0, atol=1e-6)  # 2 ranks x 2 micro-batches of 2 == one batch of 8
+    # the logged gradient norm is the whole batch's (a missing 1/k would log, and clip, k times the gradient)
+    r1, r4 = read_metrics(tmp_path / 'one/metrics.jsonl'), read_metrics(tmp_path / 'accum4/metrics.jsonl')
+    for a, b in zip(r1, r4):
+        assert math.isclose(a['grad_norm'], b['grad_norm'], rel_tol=1e-5) and math.isclose(a['loss'], b['loss'], rel_tol=1e-5)
+
+
+def test_grad_accum_must_divide_the_per_rank_batch(monkeypatch):
+    with pytest.raises(InputError, match='grad_accum=3 does not divide'):
+        Learner(make_model(), ce_loss, IndexedData(), cfg_(grad_accum=3))
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    with pytest.raises(InputError, match='multiple of 16'):
+        Learner(make_model(), ce_loss, IndexedData(), cfg_(grad_accum=8))
+    with pytest.raises(InputError, match='grad_accum must be'): cfg_(grad_accum=0)
+
+
 # ---------------------------------------------------------------- torch.compile
 def test_compile_keeps_plain_checkpoint_keys(tmp_path):
     torch._dynamo.reset()
