@@ -271,15 +271,19 @@ class Learner:
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
                                      fused=self.device.type in ('cuda', 'cpu'))  # one kernel per step (4x faster on a CPU)
         self.params = [p for g in self.opt.param_groups for p in g['params']]
-        net = torch.compile(self.model) if cfg.compile else self.model  # shares the parameters of self.model
-        self.train_module = _LossModule(net, loss_fn)
-        if self.ddp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            self.train_module = DDP(self.train_module, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
+        self._wrap(cfg.compile)
         self.step, self.ckpt_step, self.records, self.last_eval, self._elapsed = 0, None, [], {}, 0.0
         self._eval_cache = None
 
     # ---- small helpers
+    def _wrap(self, compile: bool):
+        "The module training runs: model + loss_fn, compiled if `compile` (sharing the model's parameters), under DDP if launched so."
+        net = torch.compile(self.model) if compile else self.model
+        self.train_module, self._compiled = _LossModule(net, self.loss_fn), compile
+        if self.ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.train_module = DDP(self.train_module, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
+
     def hp_at(self, step: int) -> dict:
         "The scheduled hyperparameters for update `step` (plus 'step')."
         return {**{k: s(step) for k, s in self.hparams.items()}, 'step': step}
@@ -309,19 +313,30 @@ class Learner:
                           pin_memory=self.device.type == 'cuda', generator=torch.Generator().manual_seed(cfg.seed + start))
 
     # ---- one update
+    def _backward(self, batch, hp) -> tuple[list, list]:
+        "Forward and backward over the `grad_accum` micro-batches of `batch`: gradients summed into .grad; (losses, metrics)."
+        k = self.cfg.grad_accum
+        losses, mets = [], []
+        for j, part in enumerate(_micro_batches(batch, k)):  # gradients add up over the k micro-batches; DDP syncs only on the last
+            sync = contextlib.nullcontext() if not self.ddp or j == k - 1 else self.train_module.no_sync()
+            with sync:
+                with autocast(self.device, self.cfg.amp):
+                    loss_j, metrics_j = _split(self.train_module(part, hp))
+                (loss_j / k).backward()  # the mean over the whole batch, as one pass would give
+            losses.append(loss_j.detach()); mets.append(metrics_j)
+        return losses, mets
+
     def _train_step(self, batch) -> dict:
         cfg, s = self.cfg, self.step
         hp, lr = self.hp_at(s), self.lr_schedule(s)
         for g in self.opt.param_groups: g['lr'] = lr * g['lr_mult']
-        k = cfg.grad_accum
-        parts, losses, mets = _micro_batches(batch, k), [], []
-        for j, part in enumerate(parts):  # gradients add up over the k micro-batches; DDP syncs only on the last
-            sync = contextlib.nullcontext() if not self.ddp or j == k - 1 else self.train_module.no_sync()
-            with sync:
-                with autocast(self.device, cfg.amp):
-                    loss_j, metrics_j = _split(self.train_module(part, hp))
-                (loss_j / k).backward()  # the mean over the whole batch, as one pass would give
-            losses.append(loss_j.detach()); mets.append(metrics_j)
+        try: losses, mets = self._backward(batch, hp)
+        except (InputError, NonFiniteLossError): raise
+        except Exception as err:  # compilation fails on the first step: the same step, uncompiled
+            if not self._compiled: raise
+            warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err)[:300]}); training without it")
+            self.opt.zero_grad(set_to_none=True); self._wrap(False)
+            losses, mets = self._backward(batch, hp)
         loss = torch.stack(losses).mean()
         metrics = {n: (torch.stack([m[n].detach().float().mean() for m in mets]).mean() if isinstance(v, torch.Tensor) else v)
                    for n, v in mets[0].items()}

@@ -153,13 +153,15 @@ class ImagePositions(nn.Module):
         super().__init__(); self.h, self.w = h, w
         self.row = nn.Parameter(torch.randn(h, dim) * 0.02)  # (h, D)
         self.col = nn.Parameter(torch.randn(w, dim) * 0.02)  # (w, D)
+        p = torch.arange(h * w)  # raster indices, made once (an arange inside a compiled graph crashed inductor's CPU backward)
+        self.register_buffer('row_of', p // w, persistent=False)  # (h*w,) the row of each raster position
+        self.register_buffer('col_of', p % w, persistent=False)   # (h*w,) its column
 
     def forward(self, n: int | None = None, start: int = 0) -> torch.Tensor:
         "Embeddings of raster positions `start .. start+n-1` -> (n, D): row[p // w] + col[p % w]."
         n = self.h * self.w - start if n is None else n
         if start < 0 or start + n > self.h * self.w: raise InputError(f"image positions {start}..{start + n - 1} are outside the {self.h}x{self.w} grid")
-        p = torch.arange(start, start + n, device=self.row.device)  # raster indices
-        return self.row[p // self.w] + self.col[p % self.w]  # (n, D)
+        return self.row[self.row_of[start:start + n]] + self.col[self.col_of[start:start + n]]  # (n, D): row[p // w] + col[p % w]
 
 # %% ../nbs/22_transformer.ipynb #22_transformer-022
 class Transformer(nn.Module):

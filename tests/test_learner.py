@@ -387,3 +387,19 @@ def test_compile_keeps_plain_checkpoint_keys(tmp_path):
     assert set(st['model']) == set(make_model().state_dict()) and math.isfinite(s['loss'])
     ref = Learner(make_model(p=0.0), ce_loss, IndexedData(), c.__class__(**{**c.to_dict(), 'compile': False})).fit()
     assert math.isclose(s['loss'], ref['loss'], rel_tol=1e-4)
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    "A torch.compile that fails at the first step: one warning, then the same run as without compile."
+    class Broken(nn.Module):
+        def __init__(self, m): super().__init__(); self.m = m
+        def forward(self, *a, **k): raise RuntimeError('inductor: no C++ compiler')
+    monkeypatch.setattr(torch, 'compile', lambda m, *a, **k: Broken(m))
+    c = cfg_(steps=4, compile=True, ema=None, eval_every=0)
+    with pytest.warns(UserWarning, match='torch.compile failed'):
+        s = Learner(make_model(p=0.0), ce_loss, IndexedData(), c).fit()
+    ref = Learner(make_model(p=0.0), ce_loss, IndexedData(), c.__class__(**{**c.to_dict(), 'compile': False})).fit()
+    assert math.isclose(s['loss'], ref['loss'], rel_tol=1e-6)
+    with pytest.raises(RuntimeError, match='shape'):  # an error of the loss itself is not hidden by the fallback
+        bad = lambda m, b, hp: (_ for _ in ()).throw(RuntimeError('shape mismatch in the loss'))
+        Learner(make_model(p=0.0), bad, IndexedData(), c).fit()

@@ -207,3 +207,16 @@ def test_flex_attention_equals_the_dense_masks_where_it_runs():
     with pytest.raises(InputError, match="use 'sdpa' or 'flex'"): tr.set_attention('dense')
     from dalle_course.transformer import Transformer
     with pytest.raises(InputError, match='no attention dropout'): Transformer(32, 1, 4, dropout=0.1).set_attention('flex')
+
+
+def test_compiled_training_step_of_a_g1_on_a_16x16_grid():
+    "torch.compile of a G1's forward and backward at a 16x16 grid (inductor's CPU backward once aborted the process there)."
+    import subprocess, sys
+    code = ("import torch; from dalle_course.prior import JointPrior; torch.manual_seed(0)\n"
+            "p = JointPrior(30, 16, 4, 16, 16, dim=16, depth=1, n_heads=2, mask_pattern='causal')\n"
+            "b = {'text': torch.randint(1, 30, (2, 4)), 'image': torch.randint(0, 16, (2, 256))}\n"
+            "loss, _ = p.loss_fn(torch.compile(p), b); loss.backward()\n"
+            "ref = p.image_pos.row.grad.clone(); p.zero_grad(); p.loss_fn(p, b)[0].backward()\n"
+            "torch.testing.assert_close(ref, p.image_pos.row.grad, atol=1e-5, rtol=1e-4); print('ok')\n")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith('ok'), r.stderr[-2000:]
