@@ -336,7 +336,7 @@ def bench_report(r: dict) -> str:
                           f"  {r['tokens_per_s']:,.0f} tokens/s, {r['flops_per_s'] / 1e9:,.1f} GFLOP/s achieved, MFU "
                           f"{100 * r['mfu']:.1f}% of {r['peak_flops'] / 1e9:,.0f} GFLOP/s ({r['peak_source']} peak)", f"  {mem}"])
     lines = [f"{cfg}, batch {r['batch_size']}, guidance {r['guidance']}; {head}; compile {r['compile']}"]
-    lines += [f"  {k:<14} {v['images_per_s']:8.2f} images/s   {_spread(v['batch_s'])} per batch" for k, v in r['samplers'].items()]
+    lines += [f"  {k:<16} {v['images_per_s']:8.2f} images/s   {_spread(v['batch_s'])} per batch" for k, v in r['samplers'].items()]
     pt = r['per_token_s']
     lines.append(f"  {r['per_token_of']}, per token step: {1e3 * pt['first_quarter']:.3f} ms (first quarter), {1e3 * pt['last_quarter']:.3f} ms (last quarter)")
     return '\n'.join(lines + [f"  {mem}"])

@@ -403,3 +403,24 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     with pytest.raises(RuntimeError, match='shape'):  # an error of the loss itself is not hidden by the fallback
         bad = lambda m, b, hp: (_ for _ in ()).throw(RuntimeError('shape mismatch in the loss'))
         Learner(make_model(p=0.0), bad, IndexedData(), c).fit()
+
+
+def test_fused_adamw_step_equals_the_plain_one():
+    "The learner's fused AdamW (CPU and CUDA) against torch's per-tensor AdamW on the same gradients."
+    import copy
+    c = cfg_(steps=3, ema=None, eval_every=0, grad_clip=None, lr_schedule='constant', warmup=0)
+    model = make_model(p=0.0)
+    ref = copy.deepcopy(model)
+    lrn = Learner(model, ce_loss, IndexedData(), c)
+    assert lrn.opt.defaults['fused'] is True
+    lrn.fit()
+    opt = torch.optim.AdamW(ref.parameters(), lr=c.lr, betas=c.betas, weight_decay=c.weight_decay, foreach=False)
+    torch.manual_seed(c.seed)
+    from torch.utils.data import DataLoader
+    from dalle_course.learner import StepBatchSampler
+    data = IndexedData()
+    for idx in list(StepBatchSampler(len(data), c.batch_size, c.seed, 0, c.steps, 0, 1)):
+        batch = torch.utils.data.default_collate([data[i] for i in idx])
+        loss = ce_loss(ref, batch, {'step': 0}); loss = loss[0] if isinstance(loss, tuple) else loss
+        loss.backward(); opt.step(); opt.zero_grad()
+    for a, b in zip(model.parameters(), ref.parameters()): assert_close(a, b, atol=1e-6, rtol=1e-5)

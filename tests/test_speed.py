@@ -165,3 +165,33 @@ def test_bench_commands(tmp_path, capsys):
     err = capsys.readouterr().err
     assert 'not divisible' in err and 'guidance' in err and 'FlexAttention has no backward' in err
     assert len(err.strip().splitlines()) == 3
+
+
+def test_channels_last_tokenizer_encodes_and_decodes_the_same():
+    "bench tokenizer's CUDA layout (channels_last) computes what the default layout computes (checked on the CPU)."
+    from dalle_course.tokenizer_training import build_tokenizer, resolve_recipe
+    for kind in ('dvae-thesis', 'vqvae'):
+        torch.manual_seed(0)
+        tok = build_tokenizer(resolve_recipe(kind, 'tiny', 64, n_train=100)).eval()
+        x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            codes, img = tok.encode(x), tok.decode(tok.encode(x))
+            tok_cl = tok.to(memory_format=torch.channels_last)
+            codes_cl = tok_cl.encode(x.to(memory_format=torch.channels_last))
+            img_cl = tok_cl.decode(codes_cl)
+        assert torch.equal(codes, codes_cl)
+        assert_close(img_cl, img, atol=1e-5, rtol=1e-4)
+
+
+def test_side_by_side_script_uses_the_library_configs():
+    "bench/side_by_side.py keeps its own copy of the configs and DALL-E's layer pattern (dalle-pytorch's venv has no dalle_course): they must agree."
+    import importlib.util
+    from pathlib import Path
+    from dalle_course.masks import dalle_layer_kinds
+    from dalle_course.speed import BENCH_CONFIGS
+    spec = importlib.util.spec_from_file_location('side_by_side', Path(__file__).resolve().parent.parent / 'bench' / 'side_by_side.py')
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    assert mod.CONFIGS == BENCH_CONFIGS
+    assert all(mod._dalle_kinds(d) == dalle_layer_kinds(d) for d in range(1, 13))
+    r = mod.measure('dalle_course', 'generate', mod.CONFIGS['tiny'], 'causal', 2, 1, 0, 1, 'cpu', 1)
+    assert r['images_per_s'] > 0 and len(r['times']) == 1
