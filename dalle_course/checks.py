@@ -19,7 +19,7 @@ __all__ = ['check_colorize', 'check_slot_box', 'check_warmup_cosine_lr', 'check_
            'check_decode_step', 'check_mha', 'check_joint_shift', 'check_prior_loss', 'check_null_text', 'g1_parts',
            'check_g1_forward', 'check_top_k', 'check_top_p', 'check_guide', 'check_sample_loop',
            'check_ctrs_perturbation', 'check_contrastive_loss', 'check_renoise', 'check_paella_weight',
-           'check_mask_schedule', 'check_static_attend']
+           'check_mask_schedule', 'check_static_attend', 'check_square_pad', 'check_perturb_caption']
 
 # %% ../nbs/91_checks.ipynb #91_checks-004
 @exercise_check
@@ -1255,3 +1255,71 @@ def check_static_attend(fn) -> None:
         expect_close(torch.as_tensor(out), ref, case, atol=1e-4, rtol=1e-4, hint=hint)
         n += 1
     passed('static_attend', n)
+
+# %% ../nbs/91_checks.ipynb #91_checks-p33b
+@exercise_check
+def check_square_pad(fn) -> None:
+    "Check `fn(img: PIL.Image) -> PIL.Image`: a max(w, h) square, the photo centred on black, the odd pixel right/bottom."
+    from PIL import Image
+    g = np.random.default_rng(0); n = 0
+    for w, h in [(7, 4), (4, 9), (6, 6), (10, 3), (3, 8)]:
+        a = g.integers(1, 256, (h, w, 3), dtype=np.uint8)
+        img = Image.fromarray(a)
+        out = fn(img)
+        s = max(w, h)
+        case = f"square_pad of a {w}x{h} image"
+        expect(isinstance(out, Image.Image), f"{case} must return a PIL image", 'PIL.Image', type(out).__name__)
+        expect(out.size == (s, s), f"{case} has the size of the longer side", (s, s), out.size)
+        ref = np.zeros((s, s, 3), np.uint8); x0, y0 = (s - w) // 2, (s - h) // 2
+        ref[y0:y0 + h, x0:x0 + w] = a
+        got = np.asarray(out.convert('RGB'))
+        hint = None
+        if not np.array_equal(got, ref):
+            left = np.zeros_like(ref); left[:h, :w] = a
+            other = np.zeros_like(ref); other[s - h - y0:s - y0, s - w - x0:s - x0] = a
+            hint = ("pad both sides: the photo goes in the middle, not in the corner" if np.array_equal(got, left) else
+                    "the odd pixel of padding goes to the right (or bottom): offset (s - w) // 2" if np.array_equal(got, other) else None)
+        expect(np.array_equal(got, ref), f"{case}: pixels (photo at x {x0}, y {y0}, black elsewhere)", 'the brute-force copy',
+               f"{int((got != ref).any(-1).sum())} pixels differ", hint)
+        expect(np.array_equal(np.asarray(img), a), f"{case} must not change its input", 'unchanged', 'changed')
+        n += 1
+    passed('square_pad', n)
+
+@exercise_check
+def check_perturb_caption(fn) -> None:
+    "Check `fn(caption, m, rng) -> str`: m distinct lexicon words changed within their roles, articles fixed, the rest kept."
+    import re as _re
+    from dalle_course.cub import LEXICON, ROLE, SYNONYMS, role_words
+    same = lambda a, b: a == b or any(a in s and b in s for s in SYNONYMS)  # noqa: E731
+    caps = ["this bird has a red crown, a white belly and brown wings.", "an orange bill and a grey nape on a small bird.",
+            "A tiny bird with long black legs, a pointed bill and blue feathers."]
+    n = 0
+    for c in caps:
+        slots = role_words(c)
+        for m in range(len(slots) + 1):
+            for seed in range(4):
+                out = fn(c, m, np.random.default_rng(seed))
+                case = f"perturb_caption({c!r}, m={m})"
+                expect(isinstance(out, str), f"{case} must return a string", 'str', type(out).__name__)
+                a, b = _re.findall(r'\S+', c), _re.findall(r'\S+', out)
+                expect(len(a) == len(b), f"{case} keeps the number of words", len(a), len(b))
+                changed = [(x, y) for x, y in zip(a, b) if x != y]
+                strip = lambda w: _re.sub(r'[^\w]', '', w).lower()  # noqa: E731
+                content = [(x, y) for x, y in changed if strip(x) not in ('a', 'an')]
+                expect(len(content) == m, f"{case} changes exactly m words (distinct positions, drawn without replacement)",
+                       m, len(content), "draw the positions with rng.choice(len(slots), size=m, replace=False)" if len(content) < m else None)
+                for x, y in content:
+                    wx, wy = strip(x), strip(y)
+                    expect(wx in ROLE, f"{case} changes only lexicon words", 'a word of LEXICON', x)
+                    expect(wy in LEXICON[ROLE[wx]], f"{case}: {x!r} is a {ROLE[wx]}, so its replacement is one too",
+                           f"a word of LEXICON[{ROLE[wx]!r}]", y)
+                    expect(not same(wx, wy), f"{case}: {x!r} -> {y!r} must change the meaning (no synonyms, not itself)",
+                           'another meaning', y, "skip the words of SYNONYMS that share a set with the old word")
+                    expect(_re.sub(r'\w', '', x) == _re.sub(r'\w', '', y), f"{case} keeps the punctuation around {x!r}", x, y)
+                for k, (x, y) in enumerate(zip(a, b)):
+                    if strip(x) in ('a', 'an') and k + 1 < len(b):
+                        want = 'an' if strip(b[k + 1])[:1] in tuple('aeiou') else 'a'
+                        expect(strip(y) == want, f"{case}: the article before {b[k + 1]!r}", want, y,
+                               "fix 'a'/'an' before a changed word to match its new first letter")
+                n += 1
+    passed('perturb_caption', n)

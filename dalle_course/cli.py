@@ -10,9 +10,9 @@ from pathlib import Path
 from .core import InputError
 
 # %% auto #0
-__all__ = ['PROG', 'TRAIN_COMMANDS', 'SAMPLE_SUFFIXES', 'run_data_mdmnist', 'run_train', 'run_sample', 'run_demo',
-           'run_bench_tokenizers', 'run_bench_samplers', 'run_bench_train', 'run_bench_generate', 'run_bench_tokenizer',
-           'run_exercises', 'run_lessons', 'build_parser', 'main']
+__all__ = ['PROG', 'TRAIN_COMMANDS', 'SAMPLE_SUFFIXES', 'run_data_mdmnist', 'run_data_cub_fixture', 'run_train', 'run_sample',
+           'run_demo', 'run_bench_tokenizers', 'run_bench_samplers', 'run_bench_train', 'run_bench_generate',
+           'run_bench_tokenizer', 'run_exercises', 'run_lessons', 'build_parser', 'main']
 
 # %% ../nbs/95_cli.ipynb #95_cli-004
 PROG = 'dalle-course'
@@ -35,6 +35,15 @@ def run_data_mdmnist(args) -> int:
                           mnist=args.mnist, overwrite=args.overwrite, holdout=args.holdout or ())
     print(f"wrote {stats['n']} {args.size}x{args.size} MD-MNIST {args.split} images to {stats['out']} "
           f"in {stats['seconds']:.2f} s ({stats['images_per_s']:.0f} images/s)")
+    return 0
+
+def run_data_cub_fixture(args) -> int:
+    "Write a miniature CUB-200-2011 + AttnGAN root (synthetic birds) for trying the CUB commands."
+    from dalle_course.cub import read_cub, write_cub_fixture
+    write_cub_fixture(args.out, n_per_class=args.per_class, seed=args.seed)
+    idx = read_cub(args.out)
+    print(f"wrote a CUB-200 fixture of {len(idx['ids'])} images ({sum(idx['train'])} train) in {len(idx['classes'])} "
+          f"classes, ten captions each, to {args.out}")
     return 0
 
 def _report_tokenizer(args, res) -> str:
@@ -136,6 +145,7 @@ def run_train(args) -> int:
     return 0
 
 def _read_prompts(args) -> list[str]:
+    if getattr(args, 'data', None) is not None: return []  # drawn from the dataset's test split once the prior is loaded
     if args.prompts is not None:
         if not args.prompts.is_file(): raise InputError(f"no prompts file at {args.prompts}; pass a text file with one description per line")
         return [l.strip() for l in args.prompts.read_text().splitlines() if l.strip()]
@@ -165,6 +175,11 @@ def run_sample(args) -> int:
         raise InputError(f"--out {args.out} already exists; pass --overwrite to replace it or choose another file name")
     _check_writable(args.out)
     prior, itok, ttok = load_prior_run(args.prior, args.device)
+    if args.data is not None:  # free text (CUB): test captions, cut to the prior's text length as training cut them
+        from dalle_course.cub import fit_prompts, test_prompts
+        from dalle_course.datasets import open_dataset
+        _, caps = test_prompts(open_dataset(args.data), itok.image_size, args.n_prompts, args.seed)
+        prompts = fit_prompts(ttok, caps, prior.text_len)
     settings = run_sampling(args.prior, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             guidance=args.guidance, steps=args.steps)  # the run's recorded settings, unless given here
     prior.check_options({k: v for k, v in settings.items() if k != 'top_p' or v is not None})  # e.g. --steps for a G1
@@ -348,9 +363,11 @@ def _device_seed_args(p: argparse.ArgumentParser):
 
 def _training_args(p: argparse.ArgumentParser, out_help: str, presets: dict, resume: bool = True):
     "The options every training command shares (data, preset, run length, device, and --resume if `resume`)."
-    p.add_argument('--data', type=Path, required=True, help='training images: an MD-MNIST folder')
+    p.add_argument('--data', type=Path, required=True,
+                   help='training images: an MD-MNIST folder, or a CUB-200 root (CUB_200_2011/ and text/)')
     p.add_argument('--test', type=Path, default=None,
-                   help='test images for evaluation (default: the last 10%% of --data, at most 256, held out)')
+                   help='test images for evaluation (default: CUB\'s official test split, or the last 10%% of '
+                        'an MD-MNIST --data, at most 256, held out)')
     p.add_argument('--preset', default='tiny', choices=list(presets), help='training recipe (default: tiny)')
     p.add_argument('--out', type=Path, required=True, help=out_help)
     p.add_argument('--steps', type=_positive_int, default=None,
@@ -375,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest='command', metavar='COMMAND', parser_class=_Parser)
     sub.required = True
 
-    data = sub.add_parser('data', help='generate datasets (MD-MNIST)', description='Generate datasets.')
+    data = sub.add_parser('data', help='generate datasets (MD-MNIST, a CUB-200 fixture)', description='Generate datasets.')
     dsub = data.add_subparsers(dest='dataset', metavar='DATASET', parser_class=_Parser); dsub.required = True
     md = dsub.add_parser('mdmnist', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                          help='three coloured MNIST digits per image with a 12-token description',
@@ -395,6 +412,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help='value-colour pairs that never appear, e.g. 3r,7g (a compositional training split; '
                          'generate the test split without it)')
     md.set_defaults(func=run_data_mdmnist)
+    cf = dsub.add_parser('cub-fixture', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                         help='a miniature CUB-200-2011 root with AttnGAN captions (synthetic birds), to try the CUB commands',
+                         description="Write a few synthetic birds of four 'species' in the layout of CUB-200-2011 as "
+                         "downloaded (CUB_200_2011/images/..., images.txt, train_test_split.txt, bounding_boxes.txt) "
+                         "with AttnGAN's caption files (text/<class>/<image>.txt, ten captions each). The real data "
+                         "cannot be downloaded by this tool: with it, pass its root to --data instead.")
+    cf.add_argument('--out', type=Path, required=True, help='output folder (must not exist or be empty)')
+    cf.add_argument('--per-class', type=_positive_int, default=6, help='images per class (the first 2 are the test split)')
+    cf.add_argument('--seed', type=int, default=0, help='random seed')
+    cf.set_defaults(func=run_data_cub_fixture)
 
     tr = sub.add_parser('train', help='train a stage (tokenizer, prior, classifier, clip)', description='Train one stage of the pipeline '
                         'through the shared training loop; every run folder can be resumed with --resume.')
@@ -421,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = sm.add_mutually_exclusive_group(required=True)
     src.add_argument('--prompt', help='one description')
     src.add_argument('--prompts', type=Path, help='a text file with one description per line')
+    src.add_argument('--data', type=Path, help='a CUB-200 root: prompts are --n-prompts captions of its official test split')
+    sm.add_argument('--n-prompts', type=_positive_int, default=8, help='with --data: how many test captions')
     sm.add_argument('--prior', type=Path, required=True, help='a `train prior` run folder')
     sm.add_argument('--n', type=_positive_int, default=16, help='images per prompt')
     sm.add_argument('--out', type=Path, required=True,
@@ -555,6 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "Writes eval.json, eval.md (the table), study.png (and rerank.png with --rerank) to --out.")
     ev.add_argument('--prior', type=Path, required=True, help='a `train prior` run folder (e.g. data/demo_64)')
     ev.add_argument('--compare', type=Path, default=None, help='a second prior run folder to compare with')
+    ev.add_argument('--data', type=Path, default=None,
+                    help='a CUB-200 root: judge on its official test captions (CLIP score, free-text CTRS, CE on the real '
+                         'test photos, CICS) with --clip, a CLIP trained on it; without it, MD-MNIST test descriptions')
     ev.add_argument('--clip', type=Path, default=None,
                     help='a `train clip` run folder trained on the priors\' tokenizer (default: the one shipped with the demo tokenizer)')
     ev.add_argument('--classifier', type=Path, default=None,
@@ -568,7 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument('--out', type=Path, required=True, help='output folder (new or empty)')
     ev.add_argument('--overwrite', action='store_true', help='replace an earlier eval in --out (only its own files)')
     _device_seed_args(ev)
-    ev.set_defaults(func=lambda a: __import__('dalle_course.study', fromlist=['run_eval']).run_eval(a))
+    ev.set_defaults(func=lambda a: __import__('dalle_course.cub', fromlist=['run_eval_text']).run_eval_text(a)
+                    if a.data is not None else __import__('dalle_course.study', fromlist=['run_eval']).run_eval(a))
 
     ls = sub.add_parser('lessons', formatter_class=argparse.ArgumentDefaultsHelpFormatter, help='list the lessons, or time them',
                         description="List the course's lessons. With --time, run each (a learner copy with the solutions kept, "

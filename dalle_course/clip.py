@@ -15,7 +15,7 @@ from torch import nn
 import dalle_course
 from .core import (InputError, autocast, get_device, load_model, model_fingerprint, progress,
                                read_checkpoint_meta, register_model, require as _check, save_model, seed_everything)
-from .datasets import all_captions, dataset_fingerprint, image_size as dataset_image_size, split_train_test, text_tokenizer_kind
+from .datasets import all_captions, dataset_fingerprint, image_size as dataset_image_size, split_train_test, text_spec
 from .evaluation import _pair_scores, caption_following, perturb_attributes
 from .image_tokenizer import ImageTokenizer, load_tokenizer
 from .learner import train_recipe
@@ -189,18 +189,25 @@ def reconstruct(tokenizer: ImageTokenizer, data, batch_size: int = 64, device=No
 class ClipPairs(torch.utils.data.Dataset):
     """Items {'image' (3, S, S) float, 'text' (L,), 'negatives' (K, L), 'attributes' (3, 4)} from reconstructions
     (n, 3, S, S) uint8, captions, attributes (n, 3, 4) and a text tokenizer; K = `n_negatives` (0 without attributes)."""
-    def __init__(self, images: torch.Tensor, captions: list[str], text_tok, L: int, attributes=None, n_negatives: int = 0):
+    def __init__(self, images: torch.Tensor, captions: list[str], text_tok, L: int, attributes=None, n_negatives: int = 0,
+                 caption_lists: list[list[str]] | None = None):
         _check(len(images) == len(captions), f"{len(images)} images but {len(captions)} captions")
         _check(n_negatives == 0 or attributes is not None, "hard negatives need MD-MNIST attributes; pass n_negatives=0 for other data")
         self.images, self.captions, self.text_tok, self.L = images, captions, text_tok, L
         self.attributes = None if attributes is None else np.asarray(attributes)
         self.n_negatives = n_negatives
-        self.text = text_tok.encode_batch(captions, length=L)                   # (n, L), encoded once
+        self.text = text_tok.encode_batch(captions, length=L, truncate=True)    # (n, L), encoded once
+        self.choices = None  # with `caption_lists` (CUB: ten per image), each read draws one of the image's captions
+        if caption_lists is not None and any(len(c) > 1 for c in caption_lists):
+            _check(len(caption_lists) == len(images), f"{len(images)} images but {len(caption_lists)} caption lists")
+            self.choices = [text_tok.encode_batch(c, length=L, truncate=True) for c in caption_lists]  # (C_i, L) each
 
     def __len__(self) -> int: return len(self.images)
 
     def __getitem__(self, i: int) -> dict:
-        item = {'image': self.images[i].float() / 255, 'text': self.text[i]}
+        c = self.choices[i] if self.choices is not None else None
+        text = self.text[i] if c is None else c[int(torch.randint(len(c), ()))]  # torch's generator: resumes draw the same
+        item = {'image': self.images[i].float() / 255, 'text': text}
         if self.attributes is not None: item['attributes'] = torch.as_tensor(self.attributes[i])
         if self.n_negatives:
             rng = np.random.default_rng(int(torch.randint(2 ** 31, ())))
@@ -268,11 +275,11 @@ def embed_images(clip: CLIP, images: torch.Tensor, batch_size: int = 256) -> tor
 
 @torch.no_grad()
 def embed_texts(clip: CLIP, text_tok, texts: list[str], batch_size: int = 512) -> torch.Tensor:
-    "Unit embeddings (n, E) of captions, tokenized by the CLIP's own text tokenizer."
+    "Unit embeddings (n, E) of captions, tokenized by the CLIP's own text tokenizer (cut to its length, as it trained)."
     dev, was = next(clip.parameters()).device, clip.training
     clip.eval()
     try:
-        tokens = text_tok.encode_batch(texts, length=clip.text_len)
+        tokens = text_tok.encode_batch(texts, length=clip.text_len, truncate=True)
         out = [clip.encode_text(tokens[i:i + batch_size].to(dev)).cpu() for i in range(0, len(tokens), batch_size)]
     finally: clip.train(was)
     return torch.cat(out)
@@ -321,12 +328,13 @@ def evaluate_clip(clip: CLIP, text_tok, images: torch.Tensor, captions: list[str
 # %% ../nbs/28_clip.ipynb #9680af41
 SAME_CLIP_RUN = [(('kind',), '--kind'), (('preset',), '--preset'), (('model', 'image_size'), 'image size')]
 
-def _clip_items(tokenizer, ds, text_tok, L, n_negatives, device) -> ClipPairs:
-    caps = [c[0] for c in all_captions(ds)]
+def _clip_items(tokenizer, ds, text_tok, L, n_negatives, device, draw: bool = False) -> ClipPairs:
+    lists = all_captions(ds)
     attrs = None
     if n_negatives or 'attributes' in ds[0]:
         attrs = np.stack([np.asarray(ds[i]['attributes']) for i in range(len(ds))]) if 'attributes' in ds[0] else None
-    return ClipPairs(reconstruct(tokenizer, ds, device=device), caps, text_tok, L, attrs, n_negatives if attrs is not None else 0)
+    return ClipPairs(reconstruct(tokenizer, ds, device=device), [c[0] for c in lists], text_tok, L, attrs,
+                     n_negatives if attrs is not None else 0, caption_lists=lists if draw else None)
 
 def train_clip(kind: str, tokenizer, data, preset: str = 'tiny', out=None, test=None, resume: bool = False,
                steps: int | None = None, batch_size: int | None = None, eval_every: int | None = None,
@@ -340,10 +348,10 @@ def train_clip(kind: str, tokenizer, data, preset: str = 'tiny', out=None, test=
         src = Path(tokenizer)
         tokenizer = load_tokenizer(src / FILES['tokenizer'] if src.is_dir() else src)
     fp = model_fingerprint(tokenizer)
-    train, test = split_train_test(data, test, n_test)
+    train, test = split_train_test(data, test, n_test, stage='clip', size=tokenizer.image_size)
     size = dataset_image_size(train)
     _check(tokenizer.image_size == size, f"the tokenizer was trained on {tokenizer.image_size} px images but the data is {size} px; use data of the tokenizer's size")
-    text_tok, tspec = fit_text_tokenizer({'kind': text_tokenizer_kind(train)}, all_captions(train))
+    text_tok, tspec = fit_text_tokenizer(text_spec(train), all_captions(train))
     recipe = resolve_clip_recipe(kind, preset, size, len(train), text_tok.vocab_size, tspec['length'], steps, batch_size,
                                  seed, overrides, text=tspec)
     rf = None
@@ -356,7 +364,7 @@ def train_clip(kind: str, tokenizer, data, preset: str = 'tiny', out=None, test=
         dev = get_device(device)
         if rf is not None: recipe.save(rf.file('recipe')); text_tok.save(rf.file('text_tokenizer'))
         L = recipe['text']['length']
-        train_ds = _clip_items(tokenizer, train, text_tok, L, recipe['n_negatives'], dev)
+        train_ds = _clip_items(tokenizer, train, text_tok, L, recipe['n_negatives'], dev, draw=True)
         test_ds = _clip_items(tokenizer, test, text_tok, L, recipe['n_negatives'], dev)
         seed_everything(recipe.train['seed'])
         model = CLIP(**recipe.model)

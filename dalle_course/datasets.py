@@ -13,8 +13,8 @@ from .core import InputError, read_json, require
 from .mdmnist import FORMAT as MDMNIST_FORMAT, MDMNIST
 
 # %% auto #0
-__all__ = ['DATASET_READERS', 'register_dataset', 'open_dataset', 'as_dataset', 'all_captions', 'text_tokenizer_kind',
-           'image_size', 'dataset_fingerprint', 'split_train_test']
+__all__ = ['DATASET_READERS', 'LAYOUT_READERS', 'register_dataset', 'open_dataset', 'as_dataset', 'all_captions',
+           'text_tokenizer_kind', 'image_size', 'dataset_fingerprint', 'text_spec', 'split_train_test']
 
 # %% ../nbs/04_datasets.ipynb #04_datasets-004
 DATASET_READERS: dict[str, type] = {}  # meta.json 'format' prefix -> Dataset class taking the folder
@@ -26,15 +26,27 @@ def register_dataset(format_prefix: str, cls: type) -> type:
 
 register_dataset(MDMNIST_FORMAT.rsplit('/', 1)[0], MDMNIST)
 
+LAYOUT_READERS: list[tuple[str, str]] = [('dalle_course.cub', 'CUB')]  # (module, class) for folders laid out as
+# downloaded, without a meta.json: each class offers `detect(folder)`; imported only when such a folder is opened
+
+def _layout_reader(folder: Path):
+    import importlib
+    for mod, name in LAYOUT_READERS:
+        cls = getattr(importlib.import_module(mod), name)
+        if cls.detect(folder): return cls
+    return None
+
 def open_dataset(folder) -> torch.utils.data.Dataset:
-    "The dataset in `folder`, read by the reader its `meta.json` names (one-line errors for anything else)."
+    """The dataset in `folder`: read by the reader its `meta.json` names, or by a layout reader (a CUB-200 root as
+    downloaded); one-line errors for anything else."""
     folder = Path(folder).expanduser()
     require(not folder.is_file(), f"{folder} is a file, not a dataset folder; pass the folder `dalle-course data mdmnist` wrote")
     require(folder.is_dir(), f"{folder} is not an MD-MNIST folder or any other dataset (it does not exist); generate one with "
             f"`dalle-course data mdmnist --out {folder}`")
     meta = read_json(folder / 'meta.json', 'dataset description (meta.json)') if (folder / 'meta.json').is_file() else None
-    require(meta is not None, f"{folder} is not an MD-MNIST folder or any other dataset (no meta.json); generate one with "
-            f"`dalle-course data mdmnist --out DIR` and pass DIR")
+    if meta is None and (cls := _layout_reader(folder)) is not None: return cls(folder)
+    require(meta is not None, f"{folder} is not an MD-MNIST folder, a CUB-200 root or any other dataset (no meta.json); "
+            f"generate one with `dalle-course data mdmnist --out DIR` and pass DIR")
     fmt = str(meta.get('format', '')) if isinstance(meta, dict) else ''
     for prefix, cls in DATASET_READERS.items():
         if fmt.startswith(prefix): return cls(folder)
@@ -80,15 +92,40 @@ def dataset_fingerprint(ds) -> str:
     h.update(json.dumps(all_captions(ds)).encode())
     return h.hexdigest()[:16]
 
-def split_train_test(data, test=None, n_test: int = 256):
-    """(train, test) Datasets from folders or Datasets; without `test`, the last `min(n_test, 10%)` items of `data`
-    are held out. Both must have images of the same size."""
+def text_spec(ds, kind: str | None = None) -> dict:
+    """The text tokenizer spec for `ds`'s captions: the kind (given, or the dataset's), and the percentile of the
+    caption lengths the prior reads where the dataset names one (free text, lesson 33)."""
+    base, _ = _base(ds)
+    spec = {'kind': kind or text_tokenizer_kind(ds)}
+    p = getattr(base, 'text_length_percentile', None)
+    if p is not None and spec['kind'] != 'attributes': spec['percentile'] = p
+    return spec
+
+def _for_stage(ds, stage, size):
+    "`ds` as `stage` reads it at `size`, for datasets with per-stage preprocessing (`for_stage`), Subsets kept."
+    base, idx = _base(ds)
+    if not hasattr(base, 'for_stage'): return ds
+    new = base.for_stage(stage, size)
+    return new if idx is None else torch.utils.data.Subset(new, idx)
+
+def split_train_test(data, test=None, n_test: int = 256, stage: str | None = None, size: int | None = None):
+    """(train, test) Datasets from folders or Datasets. Without `test`: the dataset's own test split where it has one
+    (`test_split()`, e.g. CUB's official one; `n_test` items of it, evenly spread), else the last `min(n_test, 10%)`
+    items of `data`. A dataset with per-stage preprocessing is read as `stage` ('tokenizer', 'prior', 'clip') reads
+    it, at `size` px when given. Both must have images of the same size."""
     train = as_dataset(data)
-    if test is None:
+    if stage is not None: train = _for_stage(train, stage, size)
+    if test is None and hasattr(train, 'test_split'):
+        test = train.test_split()
+        if len(test) > n_test:
+            test = torch.utils.data.Subset(test, sorted({round(k * (len(test) - 1) / max(1, n_test - 1)) for k in range(n_test)}))
+    elif test is None:
         require(len(train) >= 2, f"the training data has {len(train)} images; it needs at least 2")
         n = min(n_test, max(1, len(train) // 10)); idx = list(range(len(train)))
         train, test = torch.utils.data.Subset(train, idx[:-n]), torch.utils.data.Subset(train, idx[-n:])
-    else: test = as_dataset(test)
+    else:
+        test = as_dataset(test)
+        if stage is not None: test = _for_stage(test, stage, size)
     require(len(train) > 0, "the training data is empty; pass a folder with at least one image")
     require(len(test) > 0, "the test data is empty; pass a test split with at least one image")
     a, b = image_size(train), image_size(test)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/26_prior_training.ipynb #26_prior_training-002
 from __future__ import annotations
-import json, time
+import json, math, time
 from pathlib import Path
 
 import torch
@@ -12,7 +12,7 @@ import torch
 import dalle_course
 from .core import (InputError, autocast, damaged, get_device, image_grid, model_fingerprint, progress,
                                read_checkpoint_meta, read_json, require as _check, seed_everything)
-from .datasets import all_captions, dataset_fingerprint, image_size, split_train_test, text_tokenizer_kind
+from .datasets import all_captions, dataset_fingerprint, image_size, split_train_test, text_spec
 from .evaluation import plot_ce_distribution, teacher_forced_ce
 from .image_tokenizer import ImageTokenizer, load_tokenizer
 from .learner import train_recipe
@@ -23,15 +23,21 @@ from .sampling import check_sampling_args
 from .text import AttributeTokenizer, BPETokenizer, TextTokenizer, WordTokenizer, load_text_tokenizer
 
 # %% auto #0
-__all__ = ['THESIS_TABLE6_PRIOR', 'THESIS_MDMNIST_WIDTH', 'OURS_LOSS', 'OURS_P_UNCOND', 'ARCHS', 'DEFAULT_SAMPLING',
-           'SHIPPED_DEMO_RUN', 'PRIOR_PRESETS', 'SAME_PRIOR_RUN', 'TEXT_KINDS', 'resolve_prior_recipe', 'encode_images',
-           'fit_text_tokenizer', 'CaptionTokens', 'train_prior', 'load_prior_run', 'run_sampling', 'encode_prompts',
-           'generate', 'sample_figure']
+__all__ = ['THESIS_TABLE6_PRIOR', 'THESIS_MDMNIST_WIDTH', 'THESIS_TABLE7_PRIOR', 'THESIS_CUB_WIDTH', 'OURS_LOSS', 'OURS_P_UNCOND',
+           'ARCHS', 'DEFAULT_SAMPLING', 'SHIPPED_DEMO_RUN', 'PRIOR_PRESETS', 'SAME_PRIOR_RUN', 'TEXT_KINDS',
+           'resolve_prior_recipe', 'encode_images', 'length_at_percentile', 'fit_text_tokenizer', 'CaptionTokens',
+           'train_prior', 'load_prior_run', 'run_sampling', 'encode_prompts', 'generate', 'sample_figure']
 
 # %% ../nbs/26_prior_training.ipynb #26_prior_training-005
 THESIS_TABLE6_PRIOR = dict(epochs=20, batch_size=12, lr=1e-3, gamma=0.1, milestones=(5, 10), depth=12, enc_depth=6,
                            n_heads=8, dropout=0.1, mlp_hidden=512)  # G1 and G2; "text encoder blocks" apply to G2 only
 THESIS_MDMNIST_WIDTH = 256  # not in Table 6: the model width of the thesis's released MD-MNIST code (its image vocabulary)
+THESIS_TABLE7_PRIOR = {  # thesis Table 7: the CUB generators, G2 only (section 5.3.2: "Transformers with separate text encoders")
+    'cub64': dict(epochs=1000, batch_size=120, lr=1e-3, gamma=0.1, milestones=(100, 500), depth=14, enc_depth=8,
+                  n_heads=8, dropout=0.1, mlp_hidden=512),
+    'cub128': dict(epochs=400, batch_size=32, lr=1e-3, gamma=0.1, milestones=(20,), depth=12, enc_depth=16,
+                   n_heads=8, dropout=0.1, mlp_hidden=512)}
+THESIS_CUB_WIDTH = 512  # not in Table 7: Table 6's rule (the width is the image vocabulary), 512 codes in Tables 5 and 7
 OURS_LOSS, OURS_P_UNCOND = dict(w_text=1 / 8, w_img=7 / 8), 0.1  # DALL-E's loss weights and our CFG caption dropout
 ARCHS = tuple(PRIORS)  # ('joint', 'separate', 'paella', 'maskgit')
 _T6 = THESIS_TABLE6_PRIOR
@@ -54,6 +60,18 @@ PRIOR_PRESETS: dict[str, dict] = {
                            epochs=_T6['epochs'], batch_size=_T6['batch_size'], lr=_T6['lr'], lr_schedule='multistep',
                            milestone_epochs=_T6['milestones'], gamma=_T6['gamma'],
                            loss=dict(w_text=0.0, w_img=1.0), p_uncond=0.0),
+    **{f'thesis-{k}': dict(doc=f"thesis Table 7, {k.upper().replace('CUB', 'CUB ')} px, G2 only: width {THESIS_CUB_WIDTH} "
+                                f"with an MLP of {t['mlp_hidden']}, {t['depth']} image blocks + {t['enc_depth']} text-encoder "
+                                f"blocks, {t['n_heads']} heads, dropout {t['dropout']}, {t['epochs']} epochs of "
+                                f"{t['batch_size']}, LR {t['lr']:g} x{t['gamma']:g} at epochs "
+                                f"{' and '.join(map(str, t['milestones']))}; image-token CE only, no caption dropout",
+                            archs=('separate',),
+                            model=dict(dim=THESIS_CUB_WIDTH, mlp_ratio=t['mlp_hidden'] // THESIS_CUB_WIDTH, depth=t['depth'],
+                                       enc_depth=t['enc_depth'], n_heads=t['n_heads'], dropout=t['dropout'],
+                                       mask_pattern='causal', kernel=11),
+                            epochs=t['epochs'], batch_size=t['batch_size'], lr=t['lr'], lr_schedule='multistep',
+                            milestone_epochs=t['milestones'], gamma=t['gamma'], loss=dict(w_text=0.0, w_img=1.0), p_uncond=0.0)
+       for k, t in THESIS_TABLE7_PRIOR.items()},
     'gpu-mdmnist': dict(doc="one GPU, ours: width 512, 12 blocks (G2: + 6), 8 heads, dropout 0.1, DALL-E's masks and "
                             "1/8-7/8 loss, 10% caption dropout, batch 64, warmup + cosine LR",
                         model=dict(dim=512, depth=12, enc_depth=6, n_heads=8, dropout=0.1, mask_pattern='dalle',
@@ -84,6 +102,8 @@ def resolve_prior_recipe(arch: str, preset: str, n_train: int, text_vocab: int, 
     _check(arch in ARCHS, f"unknown prior architecture {arch!r}; use one of {', '.join(ARCHS)}")
     _check(preset in PRIOR_PRESETS, f"unknown preset {preset!r}; use one of {', '.join(PRIOR_PRESETS)}")
     p, cls = dict(PRIOR_PRESETS[preset]), PRIORS[arch]
+    _check(arch in p.get('archs', ARCHS), f"preset {preset!r} is for --arch {' or '.join(p.get('archs', ()))} only "
+           f"(the thesis trained no other on CUB); pass --arch {p.get('archs', ('',))[0]} or another preset")
     if 'batch_tokens' in p: p['batch_size'] = min(32, max(2, p['batch_tokens'] // (text_len + h * w)))  # 32 at most
     train, _ = resolve_train(p, n_train, steps, batch_size, seed)
     overrides = dict(overrides or {})
@@ -115,10 +135,18 @@ def encode_images(tokenizer: ImageTokenizer, data, batch_size: int = 64, device=
 
 TEXT_KINDS = ('attributes', 'words', 'bpe')
 
+def length_at_percentile(lengths, p: float) -> int:
+    "The smallest L such that at least p% of the `lengths` are <= L (p in (0, 100])."
+    _check(0 < p <= 100, f"the percentile must be in (0, 100], got {p}")
+    x = sorted(int(v) for v in lengths)
+    _check(len(x) > 0, "no lengths given")
+    return x[max(0, math.ceil(p / 100 * len(x)) - 1)]
+
 def fit_text_tokenizer(spec: dict, captions: list[list[str]]) -> tuple[TextTokenizer, dict]:
     """(tokenizer, full spec with its `length`) for `spec` = {'kind': 'attributes' | 'words' | 'bpe', options} fitted
     on the training `captions` (a caption list per image). BPE options: `vocab_size` (1000) and `dropout` (0.1, as
-    DALL·E trains: each time a caption is read, every merge is skipped with that probability)."""
+    DALL·E trains: each time a caption is read, every merge is skipped with that probability). `percentile` p: the
+    length is the smallest that p% of the training captions fit in (longer ones are cut), else the longest caption."""
     kind = spec.get('kind')
     _check(kind in TEXT_KINDS, f"unknown text tokenizer {kind!r}; use one of {', '.join(TEXT_KINDS)}")
     flat = [c for caps in captions for c in caps]
@@ -132,6 +160,10 @@ def fit_text_tokenizer(spec: dict, captions: list[list[str]]) -> tuple[TextToken
         return tok, {**spec, 'length': tok.length}
     if kind == 'bpe': spec = {'vocab_size': 1000, 'dropout': 0.1, **spec}  # the defaults, recorded in the recipe
     tok = WordTokenizer.fit(flat) if kind == 'words' else BPETokenizer.train(flat, spec['vocab_size'])
+    if spec.get('percentile') is not None:  # free text (lesson 33): the length that p% of the training captions fit in
+        g, p = torch.Generator().manual_seed(0), spec.get('dropout', 0)  # with BPE-dropout: lengths as training reads them
+        lens = [len(tok.encode(c, dropout=p, generator=g) if p > 0 else tok.encode(c)) for c in flat]
+        return tok, {**spec, 'length': max(1, length_at_percentile(lens, spec['percentile']))}
     L = max(1, max(len(tok.encode(c)) for c in flat))
     if spec.get('dropout', 0) > 0:  # BPE-dropout may skip every merge: room for the unmerged characters + </w> of each word
         L = max(L, max(sum(len(w) + 1 for w in tok.pre_tokenize(c)) for c in flat))
@@ -195,10 +227,10 @@ def train_prior(arch: str, tokenizer, data, preset: str = 'tiny', out=None, test
     src = None if isinstance(tokenizer, ImageTokenizer) else Path(tokenizer)
     if src is not None: tokenizer = load_tokenizer(src)
     fp = model_fingerprint(tokenizer)
-    train, test = split_train_test(data, test, n_test)
+    train, test = split_train_test(data, test, n_test, stage='prior', size=tokenizer.image_size)
     size = image_size(train)
     _check(tokenizer.image_size == size, f"the tokenizer was trained on {tokenizer.image_size} px images but the data is {size} px; use data of the tokenizer's size")
-    text_tok, tspec = fit_text_tokenizer(dict(text or {'kind': text_tokenizer_kind(train)}), all_captions(train))
+    text_tok, tspec = fit_text_tokenizer({**text_spec(train, (text or {}).get('kind')), **(text or {})}, all_captions(train))
     h, w = tokenizer.grid
     recipe = resolve_prior_recipe(arch, preset, len(train), text_tok.vocab_size, tspec['length'], tokenizer.vocab_size,
                                   h, w, steps, batch_size, seed, overrides, text=tspec)
@@ -219,7 +251,7 @@ def train_prior(arch: str, tokenizer, data, preset: str = 'tiny', out=None, test
         L = recipe['text']['length']
         train_ds = CaptionTokens(text_tok, L, toks['train'][0], toks['train'][1], recipe['text'].get('dropout', 0.0))
         test_caps = [c[0] for c in toks['test'][1]]
-        test_ds = torch.utils.data.TensorDataset(text_tok.encode_batch(test_caps, length=L), toks['test'][0].long())
+        test_ds = torch.utils.data.TensorDataset(text_tok.encode_batch(test_caps, length=L, truncate=True), toks['test'][0].long())
         seed_everything(recipe.train['seed'])
         prior = PRIORS[arch](**recipe.model)
         learner = train_recipe(prior, type(prior).loss_fn, recipe, train_ds, test_ds, folder=rf, device=device,
@@ -275,13 +307,15 @@ def run_sampling(run, **given) -> dict:
     out.update({k: v for k, v in given.items() if v is not None})
     return out
 
-def encode_prompts(text_tok: TextTokenizer, prompts: list[str], L: int) -> torch.Tensor:
-    "Prompts -> `(P, L)` text tokens, with a one-line error naming the prompt that does not fit."
+def encode_prompts(text_tok: TextTokenizer, prompts: list[str], L: int, truncate: bool = False) -> torch.Tensor:
+    """Prompts -> `(P, L)` text tokens, with a one-line error naming the prompt that does not fit (or, with
+    `truncate`, its first L tokens: what a prior trained on cut captions read)."""
     _check(len(prompts) > 0, "no prompts given; pass --prompt \"...\" or --prompts FILE with one description per line")
     rows = []
     for i, p in enumerate(prompts):
         try: ids = text_tok.encode(p)
         except InputError as e: raise InputError(f"prompt {i + 1} ({p!r}): {e}") from None
+        if truncate: ids = ids[:L]
         _check(0 < len(ids) <= L, f"prompt {i + 1} ({p!r}) has {len(ids)} tokens; this prior reads 1 to {L}")
         rows.append(ids + [text_tok.pad_id] * (L - len(ids)))
     return torch.tensor(rows, dtype=torch.long)  # (P, L)

@@ -63,11 +63,14 @@ class TextTokenizer:
         "The text of `ids`, padding dropped."
         return self._decode_tokens([self.vocab[i] for i in self._ids(ids) if i != self.pad_id])
 
-    def encode_batch(self, texts, length: int | None = None, **kw) -> torch.Tensor:
-        "LongTensor (B, L) of `texts`, right-padded with `pad_id`; L = `length` or the longest text."
+    def encode_batch(self, texts, length: int | None = None, truncate: bool = False, **kw) -> torch.Tensor:
+        """LongTensor (B, L) of `texts`, right-padded with `pad_id`; L = `length` or the longest text. A text longer
+        than `length` is an error, or cut to its first `length` tokens with `truncate` (as a prior that reads the
+        captions' 99th-percentile length is trained)."""
         if isinstance(texts, str): raise InputError("encode_batch takes a list of texts, got one string; wrap it in a list or call encode")
         seqs = [self.encode(t, **kw) for t in texts]
         L = max((len(s) for s in seqs), default=0) if length is None else int(length)
+        if truncate: seqs = [s[:L] for s in seqs]
         out = torch.full((len(seqs), L), self.pad_id, dtype=torch.long)   # (B, L)
         for b, s in enumerate(seqs):
             if len(s) > L:

@@ -16,7 +16,7 @@ from .learner import read_metrics, train_recipe
 from .image_tokenizer import ImageTokenizer, evaluate_tokenizer
 from .runs import Recipe, RunFolder, RunResult, resolve_train
 from .schedules import Schedule
-from .dvae import DVAE, THESIS_TABLE6_DVAE, THESIS_TABLE7_DVAE, dvae_hparams, dvae_loss, tokenizer_eval_fn
+from .dvae import DVAE, THESIS_TABLE5, THESIS_TABLE6_DVAE, THESIS_TABLE7_DVAE, dvae_hparams, dvae_loss, tokenizer_eval_fn
 from .vqvae import FSQ_LEVELS, THESIS_TABLE5_VQVAE, VQVAE, fsq_vocab_size, vqvae_loss, vqvae_param_groups
 
 # %% auto #0
@@ -54,12 +54,19 @@ KINDS = tuple(TOKENIZER_KINDS)
 _NET_KEYS = ('vocab_size', 'hidden', 'n_down', 'n_res_down', 'n_res_bottleneck')
 _VQ5 = THESIS_TABLE5_VQVAE['sep-vocab-lr']        # the thesis's VQ-VAE optimiser (Table 5)
 
-def _thesis_preset(table: dict, doc: str) -> dict:
+def _thesis_preset(table: dict, doc: str, kinds=('dvae-thesis', 'vqvae', 'vqvae-ema')) -> dict:
     "A preset that takes everything from one of the thesis tables exported by `dalle_course.dvae`."
-    return dict(doc=doc, kinds=('dvae-thesis', 'vqvae', 'vqvae-ema'), image_size=table['image_size'],
+    return dict(doc=doc, kinds=kinds, image_size=table['image_size'],
                 net={k: table[k] for k in _NET_KEYS}, epochs=table['epochs'], batch_size=table['batch_size'],
                 lr=table['lr'], lr_schedule='multistep', milestone_epochs=table['milestones'], gamma=table['gamma'],
                 table=table)
+
+def _table5_vq_preset(column: str, doc: str) -> dict:
+    "A preset from one of Table 5's VQ-VAE columns (`THESIS_TABLE5_VQVAE`, lesson 13): its network, optimiser and codebook."
+    t = THESIS_TABLE5_VQVAE[column]
+    return dict(doc=doc, kinds=('vqvae', 'vqvae-ema'), image_size=t['image_size'], net={k: t[k] for k in _NET_KEYS},
+                epochs=t['epochs'], batch_size=t['batch_size'], lr=t['lr'], lr_schedule='multistep',
+                milestone_epochs=t['lr_milestone_epochs'], gamma=t['lr_gamma'], vq_table=t)
 
 PRESETS: dict[str, dict] = {
     'tiny': dict(doc="CPU run: small networks, 250 steps of 8 images (about 15 s at 64 px on 2 cores)", kinds=KINDS,
@@ -71,6 +78,13 @@ PRESETS: dict[str, dict] = {
                                    "same networks with the Table 5 VQ-VAE optimiser"),
     'thesis-cub128': _thesis_preset(THESIS_TABLE7_DVAE['cub128'], "thesis Table 7, CUB 128 px dVAE; VQ-VAE kinds: "
                                     "same networks with the Table 5 VQ-VAE optimiser"),
+    'thesis-t5-dvae': _thesis_preset(THESIS_TABLE5['no-kl'], 'thesis Table 5, column "dVAE" (CUB 128 px, no KL term)', ('dvae-thesis',)),
+    'thesis-t5-dvae-growing-kl': _thesis_preset(THESIS_TABLE5['growing-kl'], 'thesis Table 5, column "dVAE growing KL" '
+                                                '(CUB 128 px)', ('dvae-thesis',)),
+    'thesis-t5-dvae-64': _thesis_preset(THESIS_TABLE5['64px'], 'thesis Table 5, column "dVAE 64 x 64" (CUB)', ('dvae-thesis',)),
+    'thesis-t5-vqvae': _table5_vq_preset('plain', 'thesis Table 5, column "VQ-VAE" (CUB 128 px): codebook LR 0.001'),
+    'thesis-t5-vqvae-sep-vocab': _table5_vq_preset('sep-vocab-lr', 'thesis Table 5, column "VQ-VAE sep. vocab." (CUB 128 px): '
+                                                   'codebook LR 0.01'),
     'gpu-mdmnist': dict(doc="one-GPU run on MD-MNIST 128 px with DALL-E's schedules, sized for the DALL-E dVAE",
                         kinds=KINDS, image_size=128,
                         net=dict(vocab_size=512, hidden=256, n_down=2, n_res_down=2, n_res_bottleneck=2),
@@ -92,13 +106,14 @@ def resolve_recipe(kind: str, preset: str, image_size: int, n_train: int, steps:
     _check(image_size % 2 ** net['n_down'] == 0, f"image size {image_size} is not divisible by {2 ** net['n_down']}; "
            f"use 64 or 128 px data")
     vq = k.family == 'vqvae'
-    train, scale = resolve_train(p, n_train, steps, batch_size, seed, lr=_VQ5['lr'] if vq and 'table' in p else None)
+    vqt = p.get('vq_table', _VQ5)                  # the Table 5 VQ-VAE column behind a thesis preset
+    train, scale = resolve_train(p, n_train, steps, batch_size, seed, lr=vqt['lr'] if vq and ('table' in p or 'vq_table' in p) else None)
     model = dict(image_size=image_size, **net, **k.fixed)
     hparams, lr_mult = {}, 1.0
     if kind == 'fsq': pass                         # no codebook: its levels are set below, after the overrides
     elif vq:
-        model.update(beta=_VQ5['beta'], decay=p.get('vq_decay', _VQ5['ema_decay']))
-        lr_mult = 1.0 if k.fixed['ema'] else _VQ5['codebook_lr_mult']  # an EMA codebook has no gradient
+        model.update(beta=vqt['beta'], decay=p.get('vq_decay', vqt['ema_decay']))
+        lr_mult = 1.0 if k.fixed['ema'] else vqt['codebook_lr_mult']  # an EMA codebook has no gradient
     else:
         t = p.get('table')
         ramps = {n: max(1, round(t[n] * scale)) for n in ('tau_steps', 'kl_steps') if t[n]} if t else {}
@@ -158,7 +173,7 @@ def train_tokenizer(kind: str, data, preset: str = 'tiny', out=None, test=None, 
     With `out`, writes the run folder described above (`resume` continues it, `overwrite` replaces it).
     Returns a `RunResult` (model = the tokenizer; extra: 'tokenizer', 'test', 'counts', 'test_data')."""
     get_device(device)  # a bad --device fails here, before anything is read or written
-    train, test = split_train_test(data, test, eval_images)
+    train, test = split_train_test(data, test, eval_images, stage='tokenizer', size=PRESETS.get(preset, {}).get('image_size'))
     recipe = resolve_recipe(kind, preset, dataset_image_size(train), len(train), steps, batch_size, seed, overrides)
     ruler = default_ruler(test) if isinstance(ruler, str) and ruler == 'auto' else ruler
     rf = None
@@ -273,7 +288,7 @@ def check_comparison(train, test, preset: str = 'tiny', steps: int | None = None
     "Every check of a comparison (data, device, each variant's recipe) before any of its runs writes a byte."
     _check(preset in PRESETS, f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
     get_device(device)
-    tr, _ = split_train_test(train, test, eval_images)
+    tr, _ = split_train_test(train, test, eval_images, stage='tokenizer', size=PRESETS[preset].get('image_size'))
     for kind, ov in _variants(preset, variants).values():
         resolve_recipe(kind, preset, dataset_image_size(tr), len(tr), steps, batch_size, seed, ov)
 
