@@ -22,33 +22,37 @@ from .text import words
 from .tokenizer_training import _slug
 
 # %% auto #0
-__all__ = ['CUB_DIR', 'TEXT_DIR', 'CUB_FILES', 'FIXTURE_SPECIES', 'ROTATE_DEG', 'PREPROCESSING', 'STAGE_PREPROCESSING', 'LEXICON',
-           'SYNONYMS', 'ROLE', 'find_cub', 'is_cub_root', 'read_cub', 'write_cub_fixture', 'square_pad', 'type1',
-           'type2', 'to_tensor', 'CUB', 'caption_stats', 'plot_caption_lengths', 'role_words', 'perturb_caption',
-           'ctrs_text_captions', 'ctrs_text', 'fit_prompts', 'test_prompts', 'evaluate_text_priors', 'text_eval_table',
-           'run_eval_text']
+__all__ = ['CUB_DIR', 'TEXT_DIR', 'CAPTIONS_PER_IMAGE', 'FIXTURE_SPECIES', 'ROTATE_DEG', 'PREPROCESSING', 'STAGE_PREPROCESSING',
+           'LEXICON', 'SYNONYMS', 'ROLE', 'find_cub', 'is_cub_root', 'read_cub', 'write_cub_fixture', 'square_pad',
+           'type1', 'type2', 'to_tensor', 'CUB', 'caption_stats', 'plot_caption_lengths', 'role_words',
+           'perturb_caption', 'ctrs_text_captions', 'ctrs_text', 'fit_prompts', 'test_prompts', 'evaluate_text_priors',
+           'text_eval_table', 'run_eval_text']
 
 # %% ../nbs/33_cub.ipynb #33_cub-005
 CUB_DIR, TEXT_DIR = 'CUB_200_2011', 'text'
-CUB_FILES = ('images.txt', 'train_test_split.txt', 'bounding_boxes.txt')  # inside CUB_200_2011/, in the order checked
 
-def find_cub(root) -> tuple[Path, Path]:
-    "(the CUB_200_2011 folder, the AttnGAN text folder) under `root`, or a one-line error naming the first one missing."
+CAPTIONS_PER_IMAGE = 10  # AttnGAN's bird files: ten captions per image, one per line
+
+def find_cub(root) -> Path:
+    "The CUB_200_2011 folder under `root` (or `root` itself), or a one-line error naming the first file missing."
     root = Path(root).expanduser()
     _check(root.is_dir(), f"{root} does not exist or is not a folder; pass the folder that holds {CUB_DIR}/ and {TEXT_DIR}/")
-    cub = root / CUB_DIR if (root / CUB_DIR).is_dir() else root if (root / 'images.txt').is_file() else None
-    _check(cub is not None, f"{root} is not a CUB-200 root: {root / CUB_DIR / 'images.txt'} is missing; unpack "
+    cub = root if (root / 'images.txt').is_file() and not (root / CUB_DIR).is_dir() else root / CUB_DIR
+    _check((cub / 'images.txt').is_file(), f"{cub / 'images.txt'} is missing: {root} is not a CUB-200 root yet; unpack "
            f"CUB_200_2011.tgz into {root}")
+    return cub
+
+def _text_dir(cub: Path) -> Path:
     text = next((t for t in (cub.parent / TEXT_DIR, cub / TEXT_DIR) if t.is_dir()), None)
     _check(text is not None, f"{cub.parent / TEXT_DIR} is missing: put AttnGAN's bird captions (text/<class>/<image>.txt) "
            f"beside {cub}")
-    return cub, text
+    return text
 
 def is_cub_root(root) -> bool:
-    "Does `root` look like a CUB-200 root (it may still be incomplete: `read_cub` says what is wrong)?"
+    "Does `root` look like a CUB-200 root, whole or in part (`read_cub` then says what is missing)?"
     root = Path(root)
-    return (root / CUB_DIR / 'images.txt').is_file() or ((root / 'images.txt').is_file() and (root / 'images').is_dir()) \
-        or (root / CUB_DIR).is_dir()
+    return (root / CUB_DIR).is_dir() or (root / TEXT_DIR).is_dir() or \
+        ((root / 'images.txt').is_file() and (root / 'images').is_dir())
 
 def _lines(path: Path, n_fields: int, what: str):
     "The rows of a CUB index file: (line number, fields); a missing file or a malformed line is one error naming it."
@@ -59,31 +63,41 @@ def _lines(path: Path, n_fields: int, what: str):
         _check(len(f) == n_fields and f[0].isdigit(), f"{path}, line {k}: expected {what}, got {line.strip()!r}")
         yield k, f
 
+def _per_image(path: Path, n_fields: int, what: str, paths: dict, parse) -> dict:
+    "{image id: parse(fields)} of an index file with exactly one line per image of images.txt, checked in file order."
+    out = {}
+    for k, (i, *rest) in _lines(path, n_fields, what):
+        i = int(i)
+        _check(i in paths, f"{path}, line {k}: image id {i} is not in images.txt")
+        _check(i not in out, f"{path}, line {k}: a second line for image {i}")
+        try: out[i] = parse(rest)
+        except ValueError: raise InputError(f"{path}, line {k}: expected {what}, got {i} {' '.join(rest)}") from None
+    miss = next((i for i in sorted(paths) if i not in out), None)
+    _check(miss is None, f"{path} has no line for image {miss} ({paths.get(miss)}); the file is incomplete")
+    return out
+
+def _split_value(f):
+    if f[0] not in ('0', '1'): raise ValueError
+    return f[0] == '1'
+
 def read_cub(root, check_files: bool = True) -> dict:
     """Read and validate a CUB-200-2011 root with AttnGAN's captions: 'ids', 'paths' (class/file.jpg), 'train' (bool
-    per image, the official split), 'boxes' (x, y, w, h), 'captions' (a list per image), 'classes'. The first missing
-    or malformed file is named in one line; `check_files` also checks that every image file exists."""
-    cub, text = find_cub(root)
+    per image, the official split), 'boxes' (x, y, w, h), 'captions' (ten per image), 'classes'. Files are checked in
+    the order a user unpacks them (images.txt, train_test_split.txt, bounding_boxes.txt, the text folder, then image
+    and caption files by image id), and the first missing or malformed one is named in one line; `check_files` also
+    checks that every image file exists. Rows are joined by image id, not by line."""
+    cub = find_cub(root)
     paths = {}
     for k, (i, p) in _lines(cub / 'images.txt', 2, "'<image id> <class>/<file>.jpg'"):
         _check('/' in p and int(i) not in paths, f"{cub / 'images.txt'}, line {k}: expected a new image id and "
                f"'<class>/<file>.jpg', got {i} {p}")
         paths[int(i)] = p
     _check(len(paths) > 0, f"{cub / 'images.txt'} lists no images")
-    split = {}
-    for k, (i, s) in _lines(cub / 'train_test_split.txt', 2, "'<image id> <1 train | 0 test>'"):
-        _check(s in ('0', '1') and int(i) in paths, f"{cub / 'train_test_split.txt'}, line {k}: expected an image id of "
-               f"images.txt and 1 (train) or 0 (test), got {i} {s}")
-        split[int(i)] = s == '1'
-    boxes = {}
-    for k, (i, *b) in _lines(cub / 'bounding_boxes.txt', 5, "'<image id> <x> <y> <width> <height>'"):
-        try: boxes[int(i)] = tuple(float(v) for v in b)
-        except ValueError: raise InputError(f"{cub / 'bounding_boxes.txt'}, line {k}: expected 4 numbers after the id, "
-                                            f"got {' '.join(b)}") from None
+    split = _per_image(cub / 'train_test_split.txt', 2, "'<image id> <1 train | 0 test>'", paths, _split_value)
+    boxes = _per_image(cub / 'bounding_boxes.txt', 5, "'<image id> <x> <y> <width> <height>'", paths,
+                       lambda f: tuple(float(v) for v in f))
+    text = _text_dir(cub)
     ids = sorted(paths)
-    for name, d in (('train_test_split.txt', split), ('bounding_boxes.txt', boxes)):
-        miss = next((i for i in ids if i not in d), None)
-        _check(miss is None, f"{cub / name} has no line for image {miss} ({paths.get(miss)}); the file is incomplete")
     captions = []
     for i in ids:
         if check_files:
@@ -91,7 +105,8 @@ def read_cub(root, check_files: bool = True) -> dict:
         t = text / Path(paths[i]).with_suffix('.txt')
         _check(t.is_file(), f"{t} is missing: the captions of image {i} ({paths[i]})")
         caps = [c.strip() for c in t.read_text(encoding='utf-8', errors='replace').splitlines() if c.strip()]
-        _check(len(caps) > 0, f"{t} has no caption; AttnGAN's files hold ten, one per line")
+        _check(len(caps) == CAPTIONS_PER_IMAGE, f"{t} has {len(caps)} captions; AttnGAN's files hold "
+               f"{CAPTIONS_PER_IMAGE}, one per line")
         captions.append(caps)
     classes = sorted({p.split('/')[0] for p in paths.values()})
     return dict(cub=cub, text=text, ids=ids, paths=[paths[i] for i in ids], train=[split[i] for i in ids],
@@ -150,7 +165,9 @@ def write_cub_fixture(root, n_per_class: int = 6, n_test_per_class: int = 2, see
             (text / cls / f'{stem}.txt').write_text('\n'.join(t.format(**words_) for t in _TEMPLATES) + '\n')
             rows.append(f'{i} {cls}/{stem}.jpg'); split.append(f'{i} {int(j >= n_test_per_class)}')
             boxes.append(f'{i} {x0:.1f} {hy - r:.1f} {bw + 2 * r:.1f} {y0 + bh - hy + r:.1f}')
-    for name, lines in (('images.txt', rows), ('train_test_split.txt', split), ('bounding_boxes.txt', boxes)):
+    order = rng.permutation(len(rows))  # the split and box files in another order than images.txt: readers join by id
+    for name, lines in (('images.txt', rows), ('train_test_split.txt', [split[k] for k in order]),
+                        ('bounding_boxes.txt', [boxes[k] for k in order])):
         (cub / name).write_text('\n'.join(lines) + '\n')
     (cub / 'classes.txt').write_text(''.join(f'{k + 1} {s[0]}\n' for k, s in enumerate(species)))
     (cub / 'README').write_text("A miniature of CUB-200-2011 written by dalle_course.cub.write_cub_fixture for tests: "
@@ -204,6 +221,7 @@ class CUB(torch.utils.data.Dataset):
     'type1' or 'type2' (§3.2), random on the training split and deterministic on the test split."""
     text_tokenizer = 'words'           # free text: the thesis's `\\b\\w+\\b` words (or --text bpe)
     text_length_percentile = 99        # the prior reads as many tokens as 99% of the training captions have
+    token_views = 8                    # the prior caches the tokens of 8 draws of type 2 per photo, and reads one at random
 
     def __init__(self, root, split: str = 'train', size: int = 64, preprocessing: str = 'type2', index: dict | None = None):
         _check(split in ('train', 'test'), f"split must be 'train' or 'test', got {split!r}")
@@ -384,8 +402,8 @@ def evaluate_text_priors(runs: dict, data, clip_run, n: int = 256, seed: int = 0
         images = generate(p['prior'], p['tokenizer'], p['text_tok'], cut, n=1, seed=seed, batch_size=batch_size,
                           show_progress=show_progress, **settings)                     # (n, 3, S, S)
         secs = time.perf_counter() - t0
-        cs = scorer(images, prompts)                                                  # (n,)
-        ct = ctrs_text(scorer, images, prompts, max_m=max_m, seed=seed)
+        cs = scorer(images, cut)                                                      # (n,) the text the prior read
+        ct = ctrs_text(scorer, images, cut, max_m=max_m, seed=seed)
         with torch.no_grad():
             z = torch.cat([p['tokenizer'].encode(real[i:i + batch_size].to(dev)).reshape(len(real[i:i + batch_size]), -1).cpu()
                            for i in range(0, len(real), batch_size)])                 # (n, h*w)

@@ -14,7 +14,7 @@ from .mdmnist import FORMAT as MDMNIST_FORMAT, MDMNIST
 
 # %% auto #0
 __all__ = ['DATASET_READERS', 'LAYOUT_READERS', 'register_dataset', 'open_dataset', 'as_dataset', 'all_captions',
-           'text_tokenizer_kind', 'image_size', 'dataset_fingerprint', 'text_spec', 'split_train_test']
+           'text_tokenizer_kind', 'image_size', 'dataset_fingerprint', 'text_spec', 'token_views', 'split_train_test']
 
 # %% ../nbs/04_datasets.ipynb #04_datasets-004
 DATASET_READERS: dict[str, type] = {}  # meta.json 'format' prefix -> Dataset class taking the folder
@@ -100,6 +100,10 @@ def text_spec(ds, kind: str | None = None) -> dict:
     p = getattr(base, 'text_length_percentile', None)
     if p is not None and spec['kind'] != 'attributes': spec['percentile'] = p
     return spec
+
+def token_views(ds) -> int:
+    "How many preprocessing draws of each training image a prior should cache (1 unless the dataset says: CUB 8)."
+    return int(getattr(_base(ds)[0], 'token_views', 1))
 
 def _for_stage(ds, stage, size):
     "`ds` as `stage` reads it at `size`, for datasets with per-stage preprocessing (`for_stage`), Subsets kept."

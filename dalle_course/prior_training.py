@@ -12,7 +12,7 @@ import torch
 import dalle_course
 from .core import (InputError, autocast, damaged, get_device, image_grid, model_fingerprint, progress,
                                read_checkpoint_meta, read_json, require as _check, seed_everything)
-from .datasets import all_captions, dataset_fingerprint, image_size, split_train_test, text_spec
+from .datasets import all_captions, dataset_fingerprint, image_size, split_train_test, text_spec, token_views
 from .evaluation import plot_ce_distribution, teacher_forced_ce
 from .image_tokenizer import ImageTokenizer, load_tokenizer
 from .learner import train_recipe
@@ -171,7 +171,8 @@ def fit_text_tokenizer(spec: dict, captions: list[list[str]]) -> tuple[TextToken
 
 class CaptionTokens(torch.utils.data.Dataset):
     """Training pairs `(text (L,), image tokens (h*w,))`; the caption is drawn from the image's captions (torch's
-    generator, so resumed runs draw the same) and encoded when the item is read, with BPE-dropout if `dropout`."""
+    generator, so resumed runs draw the same) and encoded when the item is read, with BPE-dropout if `dropout`. With
+    tokens `(n, K, h*w)` (K preprocessing draws per image), one draw is picked each read as well."""
     def __init__(self, text_tok: TextTokenizer, L: int, z: torch.Tensor, captions: list[list[str]], dropout: float = 0.0):
         _check(len(z) == len(captions), f"{len(z)} token rows but {len(captions)} caption lists")
         self.text_tok, self.L, self.z, self.captions, self.dropout = text_tok, L, z, captions, dropout
@@ -184,7 +185,9 @@ class CaptionTokens(torch.utils.data.Dataset):
         ids = self.text_tok.encode(c, dropout=self.dropout) if self.dropout > 0 else self.text_tok.encode(c)
         text = torch.full((self.L,), self.text_tok.pad_id, dtype=torch.long)  # (L,)
         ids = ids[:self.L]; text[:len(ids)] = torch.tensor(ids, dtype=torch.long)
-        return text, self.z[i].long()
+        z = self.z[i]
+        if z.ndim == 2: z = z[int(torch.randint(len(z), ()))]  # (h*w,): one of the image's K preprocessing draws
+        return text, z.long()
 
 # %% ../nbs/26_prior_training.ipynb #26_prior_training-014
 def _read_cache(folder: Path):
@@ -200,15 +203,23 @@ def _read_cache(folder: Path):
     if not ok: raise damaged(cp, 'it does not match tokens.safetensors')
     return t, caps
 
-def _tokens(tokenizer, train, test, rf, device) -> dict:
-    "Image tokens and caption lists of both splits, read from the run's cache when present."
+def _tokens(tokenizer, train, test, rf, device, seed: int = 0) -> dict:
+    """Image tokens and caption lists of both splits, read from the run's cache when present. A dataset with random
+    preprocessing (`token_views` > 1: CUB's type 2) has that many draws of each training image encoded, `(n, K, h*w)`,
+    one of which `CaptionTokens` reads each time; the draws follow `seed`."""
     from safetensors.torch import save_file
     cache = None if rf is None else _read_cache(rf.path)
     if cache is not None:
         t, meta = cache
         if len(meta['train']) == len(train) and len(meta['test']) == len(test):
             return {'train': (t['train'], meta['train']), 'test': (t['test'], meta['test'])}
-    res = {s: encode_images(tokenizer, d, device=device, desc=f'tokenizing {s}') for s, d in [('train', train), ('test', test)]}
+    K = token_views(train)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        views = [encode_images(tokenizer, train, device=device, desc=f'tokenizing train (draw {k + 1} of {K})' if K > 1 else 'tokenizing train')
+                 for k in range(K)]
+    res = {'train': (views[0][0] if K == 1 else torch.stack([v[0] for v in views], 1), views[0][1]),  # (n, h*w) or (n, K, h*w)
+           'test': encode_images(tokenizer, test, device=device, desc='tokenizing test')}
     if rf is not None:
         save_file({s: v[0].contiguous() for s, v in res.items()}, rf.file('tokens'))
         rf.file('captions').write_text(json.dumps({s: v[1] for s, v in res.items()}))
@@ -247,7 +258,7 @@ def train_prior(arch: str, tokenizer, data, preset: str = 'tiny', out=None, test
             recipe.save(rf.file('recipe'))
             tokenizer.save(rf.file('tokenizer'))  # a copy, so the run folder samples on its own
             text_tok.save(rf.file('text_tokenizer'))
-        toks = _tokens(tokenizer, train, test, rf, dev)
+        toks = _tokens(tokenizer, train, test, rf, dev, recipe.train['seed'])
         L = recipe['text']['length']
         train_ds = CaptionTokens(text_tok, L, toks['train'][0], toks['train'][1], recipe['text'].get('dropout', 0.0))
         test_caps = [c[0] for c in toks['test'][1]]

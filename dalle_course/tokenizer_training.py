@@ -82,9 +82,11 @@ PRESETS: dict[str, dict] = {
     'thesis-t5-dvae-growing-kl': _thesis_preset(THESIS_TABLE5['growing-kl'], 'thesis Table 5, column "dVAE growing KL" '
                                                 '(CUB 128 px)', ('dvae-thesis',)),
     'thesis-t5-dvae-64': _thesis_preset(THESIS_TABLE5['64px'], 'thesis Table 5, column "dVAE 64 x 64" (CUB)', ('dvae-thesis',)),
-    'thesis-t5-vqvae': _table5_vq_preset('plain', 'thesis Table 5, column "VQ-VAE" (CUB 128 px): codebook LR 0.001'),
+    'thesis-t5-vqvae': _table5_vq_preset('plain', 'thesis Table 5, column "VQ-VAE" (CUB 128 px): codebook LR 0.001 '
+                                         '(--kind vqvae; with vqvae-ema, EMA 0.99 and no codebook LR)'),
     'thesis-t5-vqvae-sep-vocab': _table5_vq_preset('sep-vocab-lr', 'thesis Table 5, column "VQ-VAE sep. vocab." (CUB 128 px): '
-                                                   'codebook LR 0.01'),
+                                                   'codebook LR 0.01 (--kind vqvae; with vqvae-ema, the same recipe as '
+                                                   'thesis-t5-vqvae: an EMA codebook has no LR)'),
     'gpu-mdmnist': dict(doc="one-GPU run on MD-MNIST 128 px with DALL-E's schedules, sized for the DALL-E dVAE",
                         kinds=KINDS, image_size=128,
                         net=dict(vocab_size=512, hidden=256, n_down=2, n_res_down=2, n_res_bottleneck=2),

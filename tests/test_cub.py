@@ -26,7 +26,8 @@ def _broken(root, tmp_path, how):
     bad = tmp_path / 'bad'; shutil.copytree(root, bad)
     cub, idx = bad / 'CUB_200_2011', read_cub(root)
     first = idx['paths'][0]
-    if how == 'no CUB_200_2011': shutil.rmtree(cub); (bad / 'CUB_200_2011').mkdir()
+    if how == 'no CUB_200_2011': shutil.rmtree(cub)                       # only text/ left
+    if how == 'empty CUB_200_2011': shutil.rmtree(cub); cub.mkdir()
     if how == 'no text folder': shutil.rmtree(bad / 'text')
     if how == 'no images.txt': (cub / 'images.txt').unlink()
     if how == 'bad images.txt line': (cub / 'images.txt').write_text('1 a/b.jpg\nx y\n')
@@ -36,6 +37,14 @@ def _broken(root, tmp_path, how):
     if how == 'split misses an image':
         lines = (cub / 'train_test_split.txt').read_text().splitlines(); (cub / 'train_test_split.txt').write_text('\n'.join(lines[:-1]))
     if how == 'bad box': (cub / 'bounding_boxes.txt').write_text('1 1 2 three 4\n')
+    if how == 'box for an unknown image': (cub / 'bounding_boxes.txt').write_text('999 1 2 3 4\n')
+    if how == 'two split lines for one image':
+        (cub / 'train_test_split.txt').write_text('1 1\n1 0\n' + (cub / 'train_test_split.txt').read_text())
+    if how == 'split incomplete and boxes missing':
+        lines = (cub / 'train_test_split.txt').read_text().splitlines(); (cub / 'train_test_split.txt').write_text('\n'.join(lines[:-1]))
+        (cub / 'bounding_boxes.txt').unlink()
+    if how == 'nine captions':
+        f = bad / 'text' / Path(idx['paths'][2]).with_suffix('.txt'); f.write_text('\n'.join(f.read_text().splitlines()[:9]))
     if how == 'no image file': (cub / 'images' / idx['paths'][3]).unlink()
     if how == 'no caption file': (bad / 'text' / Path(idx['paths'][4]).with_suffix('.txt')).unlink()
     if how == 'empty caption file': (bad / 'text' / Path(idx['paths'][4]).with_suffix('.txt')).write_text('\n\n')
@@ -43,12 +52,16 @@ def _broken(root, tmp_path, how):
 
 
 BREAKAGES = {  # how -> words the one-line error must name
-    'no CUB_200_2011': ['images.txt', 'missing'], 'no text folder': ['text', 'missing', 'AttnGAN'],
+    'no CUB_200_2011': ['CUB_200_2011/images.txt', 'missing'], 'empty CUB_200_2011': ['CUB_200_2011/images.txt', 'missing'],
+    'no text folder': ['text', 'missing', 'AttnGAN'], 'box for an unknown image': ['bounding_boxes.txt', 'line 1', '999'],
+    'two split lines for one image': ['train_test_split.txt', 'line 2', 'second line'],
+    'split incomplete and boxes missing': ['train_test_split.txt', 'no line for image'],
+    'nine captions': ['.txt', 'has 9 captions', 'hold 10'],
     'no images.txt': ['images.txt', 'missing'], 'bad images.txt line': ['images.txt', 'line 2', "'x y'"],
     'duplicate image id': ['images.txt', 'line 2'], 'no split file': ['train_test_split.txt', 'missing'],
     'bad split value': ['train_test_split.txt', 'line 2'], 'split misses an image': ['train_test_split.txt', 'no line for image'],
     'bad box': ['bounding_boxes.txt', 'line 1'], 'no image file': ['.jpg', 'is missing', 'image 4'],
-    'no caption file': ['.txt', 'is missing', 'captions of image 5'], 'empty caption file': ['.txt', 'no caption'],
+    'no caption file': ['.txt', 'is missing', 'captions of image 5'], 'empty caption file': ['.txt', 'has 0 captions'],
 }
 
 
@@ -59,7 +72,8 @@ def test_a_broken_root_names_the_first_bad_file(root, tmp_path, how):
     msg = str(e.value)
     assert '\n' not in msg
     for w in BREAKAGES[how]: assert w in msg, (w, msg)
-    with pytest.raises(InputError): open_dataset(bad)  # the protocol's entry point says the same
+    with pytest.raises(InputError) as e2: open_dataset(bad)  # the protocol's entry point says the same
+    assert str(e2.value) == msg
 
 
 def test_layout_split_and_captions(root):
@@ -121,14 +135,15 @@ def test_type2_test_split_is_pad_resize_centre_crop_and_type1_resize_centre_crop
     ref1 = im.resize((74, 74), Image.BILINEAR).crop((5, 5, 69, 69))
     assert np.array_equal(np.asarray(type1(im, 64, train=False)), np.asarray(ref1))
     big = np.asarray(type2(_photo(60, 30), 64, train=False))  # a wide photo: black bars top and bottom, none at the sides
-    assert big[:8].max() == 0 and big[-8:].max() == 0 and big[30:34].min(initial=255) >= 0 and big[32].max() > 0
+    assert big[:8].max() == 0 and big[-8:].max() == 0 and (big[32] > 0).any(-1).all()
 
 
 def test_the_random_steps_draw_what_the_thesis_says(monkeypatch):
     import dalle_course.cub as cub
     angles, crops, flips = [], [], 0
     rotate, crop = cub._rotate, Image.Image.crop
-    monkeypatch.setattr(cub, '_rotate', lambda img, deg: (angles.append(deg), rotate(img, deg))[1])
+    sizes = []  # what each rotation sees: type 1 rotates the (N+10)^2 resize, type 2 the padded square photo
+    monkeypatch.setattr(cub, '_rotate', lambda img, deg: (angles.append(deg), sizes.append(img.size), rotate(img, deg))[2])
     monkeypatch.setattr(Image.Image, 'crop', lambda self, box: (crops.append(box[:2]), crop(self, box))[1])
     g = torch.Generator().manual_seed(0)
     im = _photo()
@@ -137,9 +152,11 @@ def test_the_random_steps_draw_what_the_thesis_says(monkeypatch):
     assert len(angles) == n and max(abs(a) for a in angles) <= 2 and min(angles) < -1.8 and max(angles) > 1.8
     xs = Counter(x for x, _ in crops); ys = Counter(y for _, y in crops)
     assert set(xs) == set(ys) == set(range(11))  # (N+10) -> N random crop: offsets 0..10
-    angles.clear(); crops.clear()
+    assert set(sizes) == {(26, 26)}              # rotated after the resize, before the crop
+    angles.clear(); crops.clear(); sizes.clear()
     for _ in range(n): type2(im, 16, generator=g)
     assert set(crops) == {(10, 10)} and len(angles) == n  # type 2: centre crop after the rotation
+    assert set(sizes) == {(120, 120)}            # rotated after the square padding, before the resize
     # flips: a photo and its mirror come out equally often
     a = np.asarray(type2(im, 16, train=False))
     for _ in range(400):
@@ -232,6 +249,7 @@ def test_table7_prior_presets(preset):
     assert r.train['milestones'] == [m * per for m in ms] and r.train['gamma'] == gamma
     m = r.model
     assert (m['depth'], m['enc_depth'], m['n_heads'], m['dropout'], m['dim'] * m['mlp_ratio']) == (depth, enc, heads, drop, hidden)
+    assert m['dim'] == 512  # not in Table 7: Table 6's rule, the width is the image vocabulary (512 codes, Tables 5 and 7)
     assert m['p_uncond'] == 0.0 and r.hparams == {'w_text': 0.0, 'w_img': 1.0}
     for arch in ('joint', 'paella', 'maskgit'):
         with pytest.raises(InputError, match='--arch separate'): resolve_prior_recipe(arch, preset, n, 3000, 18, 512, grid, grid)
@@ -287,6 +305,8 @@ def test_ctrs_text_with_known_answer_scorers():
     short = ctrs_text(score, imgs, ["a red bird.", "a blue bird with grey wings."], max_m=3)
     assert short['n_with_m'] == [2, 2, 1, 1] and torch.isinf(short['scores'][0, 2:]).all()
     with pytest.raises(InputError): ctrs_text(score, imgs, caps[:1])
+    flat = ctrs_text(lambda i, t: torch.zeros(len(t)), imgs, caps, max_m=3)    # every caption ties: ties go to the true one
+    assert flat['true_first'] == 1.0 and flat['counts'] == [2, 0, 0, 0] and flat['beats'][1:] == [0.0, 0.0, 0.0]
 
 
 # ---- the commands, on the fixture, as typed ----
@@ -327,3 +347,25 @@ def test_a_missing_or_broken_root_is_one_line_and_writes_nothing(root, tmp_path)
     one_line_error(cli('train', 'tokenizer', '--kind', 'dvae-thesis', '--data', bad, '--out', tmp_path / 'o'), '.txt is missing')
     one_line_error(cli('train', 'tokenizer', '--kind', 'dvae-thesis', '--data', tmp_path / 'nowhere', '--out', tmp_path / 'o'), 'does not exist')
     assert not (tmp_path / 'o').exists()
+    shutil.rmtree(bad / 'CUB_200_2011')
+    for args in (('sample', '--prior', 'data/demo_64', '--data', bad, '--out', tmp_path / 's.png'),
+                 ('eval', '--prior', 'data/demo_64', '--data', bad, '--clip', 'data/demo_64/clip', '--out', tmp_path / 'e')):
+        one_line_error(cli(*args), 'CUB_200_2011/images.txt is missing')
+    assert not (tmp_path / 's.png').exists() and not (tmp_path / 'e').exists()
+
+
+def test_the_prior_caches_several_preprocessing_draws_and_reads_one(root, tmp_path):
+    from dalle_course.prior_training import CaptionTokens, train_prior
+    from dalle_course.tokenizer_training import train_tokenizer
+    from safetensors.torch import load_file
+    train_tokenizer('dvae-thesis', root, 'tiny', out=tmp_path / 'tok', steps=4, plots=False)
+    res = train_prior('separate', tmp_path / 'tok', root, 'tiny', out=tmp_path / 'prior', steps=2, plots=False, batch_size=4)
+    t = load_file(tmp_path / 'prior' / 'tokens.safetensors')
+    assert t['train'].shape == (12, CUB.token_views, 256) and t['test'].shape == (8, 256)
+    assert (t['train'][:, 0] != t['train'][:, 1]).any()          # the draws differ (random rotation and flip)
+    again = train_prior('separate', tmp_path / 'tok', root, 'tiny', out=tmp_path / 'prior2', steps=2, plots=False, batch_size=4)
+    assert torch.equal(load_file(tmp_path / 'prior2' / 'tokens.safetensors')['train'], t['train'])  # the draws follow the seed
+    ds = CaptionTokens(res.extra['text_tokenizer'], 14, t['train'], [['a b']] * 12)
+    torch.manual_seed(0)
+    got = {tuple(ds[5][1].tolist()) for _ in range(200)}
+    assert got == {tuple(t['train'][5, k].long().tolist()) for k in range(CUB.token_views)}  # every draw is read
