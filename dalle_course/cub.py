@@ -297,7 +297,7 @@ def plot_caption_lengths(stats: dict, p: float = CUB.text_length_percentile, tit
     fig.tight_layout()
     return fig
 
-# %% ../nbs/33_cub.ipynb #33_cub-027
+# %% ../nbs/33_cub.ipynb #33_cub-028
 LEXICON = {  # roles of CUB caption words; a CTRS change replaces a word by another of its role, so grammar holds
     'colour': ['black', 'white', 'grey', 'brown', 'red', 'orange', 'yellow', 'green', 'blue', 'purple', 'pink', 'tan', 'buff'],
     'part': ['crown', 'belly', 'breast', 'throat', 'nape', 'bill', 'head', 'back', 'tail', 'rump', 'chest', 'neck',
@@ -315,6 +315,7 @@ def role_words(caption: str) -> list[tuple[int, int, str]]:
     "(start, end, role) of every word of `caption` that the lexicon knows, in order."
     return [(m.start(), m.end(), ROLE[m.group().lower()]) for m in re.finditer(r'\b\w+\b', caption) if m.group().lower() in ROLE]
 
+# %% ../nbs/33_cub.ipynb #33_cub-032
 def perturb_caption(caption: str, m: int, rng: np.random.Generator) -> str:
     """`caption` with m distinct lexicon words each replaced by a word of the same role and another meaning (drawn
     uniformly), 'a'/'an' before a changed word fixed to match it."""
@@ -334,7 +335,7 @@ def perturb_caption(caption: str, m: int, rng: np.random.Generator) -> str:
         out += [head, new.capitalize() if caption[a].isupper() else new]; last = b
     return ''.join(out) + caption[last:]
 
-# %% ../nbs/33_cub.ipynb #33_cub-031
+# %% ../nbs/33_cub.ipynb #33_cub-035
 def ctrs_text_captions(captions: list[str], max_m: int = 4, seed: int = 0) -> list[list[str | None]]:
     "For each caption: [the caption, then m = 1..max_m of its lexicon words changed]; None where it has fewer words."
     rng = np.random.default_rng(seed)
@@ -362,7 +363,7 @@ def ctrs_text(scorer, images: torch.Tensor, captions: list[str], max_m: int = 4,
     return {'n_images': len(caps), 'counts': torch.bincount(won, minlength=max_m + 1).tolist(),
             'true_first': float((won == 0).float().mean()), 'beats': beats, 'n_with_m': has.sum(0).tolist(), 'scores': s}
 
-# %% ../nbs/33_cub.ipynb #33_cub-034
+# %% ../nbs/33_cub.ipynb #33_cub-038
 def fit_prompts(text_tok, captions: list[str], L: int) -> list[str]:
     "Captions as a prior of text length L reads them: cut to their first L tokens (what training fed it)."
     return [c if len(ids := text_tok.encode(c)) <= L else text_tok.decode(ids[:L]) for c in captions]
