@@ -5,14 +5,12 @@
 # %% ../nbs/95_cli.ipynb #95_cli-002
 from __future__ import annotations
 import argparse, sys, time
-from pathlib import Path
-
-from .core import InputError
+from pathlib import Path  # no torch here: `dalle-course --help` answers without it
 
 # %% auto #0
-__all__ = ['PROG', 'TRAIN_COMMANDS', 'SAMPLE_SUFFIXES', 'run_data_mdmnist', 'run_data_cub_fixture', 'run_train', 'run_sample',
-           'run_demo', 'run_bench_tokenizers', 'run_bench_samplers', 'run_bench_train', 'run_bench_generate',
-           'run_bench_tokenizer', 'run_exercises', 'run_lessons', 'build_parser', 'main']
+__all__ = ['PROG', 'TRAIN_COMMANDS', 'SAMPLE_SUFFIXES', 'COMMANDS', 'run_data_mdmnist', 'run_data_cub_fixture', 'run_train',
+           'run_sample', 'run_demo', 'run_eval', 'run_bench_tokenizers', 'run_bench_samplers', 'run_bench_train',
+           'run_bench_generate', 'run_bench_tokenizer', 'run_exercises', 'run_lessons', 'build_parser', 'main']
 
 # %% ../nbs/95_cli.ipynb #95_cli-004
 PROG = 'dalle-course'
@@ -58,25 +56,39 @@ def _report_prior(args, res) -> str:
             f"({e['train_tokens_per_s']:.0f} tokens/s); {'teacher-forced' if 'teacher_forced_ce' in e else 'denoising'} CE on "
             f"{e['n_test']} test images {e.get('teacher_forced_ce', e.get('denoising_ce')):.4f} nats/token -> {args.out}")
 
-def _table(module: str, names: str) -> dict:
-    import importlib
-    m = importlib.import_module(module)
-    return {n: getattr(m, n) for n in names.split()}
+def _error(message: str):
+    "The library's one-line error (imported here, after parsing: the parser itself never imports torch)."
+    from dalle_course.core import InputError
+    return InputError(message)
+
+# Each stage's training function, its kinds (name -> one line) and presets, imported only when that stage is used.
+def _tokenizer_stage():
+    from dalle_course.tokenizer_training import PRESETS, TOKENIZER_KINDS, train_tokenizer
+    return train_tokenizer, {k: v.doc for k, v in TOKENIZER_KINDS.items()}, PRESETS
+
+def _prior_stage():
+    from dalle_course.core import MODELS, model_class
+    from dalle_course.prior_training import PRIOR_PRESETS, train_prior
+    return train_prior, {k: (model_class('prior', k).__doc__ or '').split(':')[0] for k in MODELS['prior']}, PRIOR_PRESETS
+
+def _ruler_stage():
+    from dalle_course.ruler import RULER_KINDS, RULER_PRESETS, train_ruler
+    return train_ruler, RULER_KINDS, RULER_PRESETS
+
+def _clip_stage():
+    from dalle_course.clip import CLIP_KINDS, CLIP_PRESETS, train_clip
+    return train_clip, CLIP_KINDS, CLIP_PRESETS
 
 # The training commands, one row each: `dalle-course train STAGE` is built from this table (kind option, the table of
 # kinds and presets of the stage's module, the inputs it needs besides --data), and run by `run_train`.
 TRAIN_COMMANDS = {
-    'tokenizer': dict(module='dalle_course.tokenizer_training', fn='train_tokenizer', kind_option='--kind',
-                      kinds=lambda m: {k: v.doc for k, v in m['TOKENIZER_KINDS'].items()},
-                      presets=lambda m: m['PRESETS'], names='TOKENIZER_KINDS PRESETS', inputs=(), report=_report_tokenizer,
+    'tokenizer': dict(stage=_tokenizer_stage, kind_option='--kind', inputs=(), report=_report_tokenizer,
                       help='stage 1: a discrete image tokenizer (dVAE or VQ-VAE)',
                       description="Train a discrete image tokenizer on a dataset folder (MD-MNIST). Writes to --out: "
                       "run.json (the manifest), recipe.json, checkpoint.safetensors (for --resume), metrics.jsonl/png, "
                       "tokenizer.safetensors (what the priors load), eval.json (test MSE, PSNR, codebook usage, "
                       "perplexity), usage.png, codes.png, recon.png."),
-    'prior': dict(module='dalle_course.prior_training', fn='train_prior', kind_option='--arch',
-                  kinds=lambda m: {k: (v.__doc__ or '').split(':')[0] for k, v in m['PRIORS'].items()},
-                  presets=lambda m: m['PRIOR_PRESETS'], names='PRIORS PRIOR_PRESETS',
+    'prior': dict(stage=_prior_stage, kind_option='--arch',
                   inputs=(('--tokenizer', 'tokenizer', 'a `train tokenizer` run folder (or its tokenizer.safetensors)'),),
                   options=(('--text', dict(choices=('attributes', 'words', 'bpe'), default=None,
                                            help="text tokenizer (default: the dataset's; MD-MNIST: attributes). bpe "
@@ -100,8 +112,7 @@ def _report_ruler(args, res) -> str:
             + ', '.join(f"{k} {100 * t[k]:.2f}%" for k in ('value', 'size', 'colour', 'position')) + f" -> {args.out}")
 
 TRAIN_COMMANDS['classifier'] = dict(
-    module='dalle_course.ruler', fn='train_ruler', kind_option='--kind', kinds=lambda m: m['RULER_KINDS'],
-    presets=lambda m: m['RULER_PRESETS'], names='RULER_KINDS RULER_PRESETS', inputs=(), report=_report_ruler,
+    stage=_ruler_stage, kind_option='--kind', inputs=(), report=_report_ruler,
     help="the attribute ruler: a CNN that reads the 12 MD-MNIST attributes, to score images",
     description="Train the attribute classifier (the course's ruler) on real MD-MNIST images, 64 or 128 px. Writes "
     "to --out: run.json, recipe.json, checkpoint.safetensors (for --resume), metrics.jsonl/png, ruler.safetensors "
@@ -117,8 +128,7 @@ def _report_clip(args, res) -> str:
             + f" -> {args.out}")
 
 TRAIN_COMMANDS['clip'] = dict(
-    module='dalle_course.clip', fn='train_clip', kind_option='--kind', kinds=lambda m: m['CLIP_KINDS'],
-    presets=lambda m: m['CLIP_PRESETS'], names='CLIP_KINDS CLIP_PRESETS',
+    stage=_clip_stage, kind_option='--kind',
     inputs=(('--tokenizer', 'tokenizer', 'the image tokenizer whose reconstructions the CLIP trains on: a `train '
              'tokenizer` run folder or its tokenizer.safetensors'),), report=_report_clip,
     help="a CLIP trained from scratch on the tokenizer's reconstructions, to judge priors (CICS, CTRS, reranking)",
@@ -129,78 +139,59 @@ TRAIN_COMMANDS['clip'] = dict(
     "text_tokenizer.json, eval.json (retrieval R@1/R@5 both ways, binding accuracy per attribute type and order).")
 
 def run_train(args) -> int:
-    "Run one row of TRAIN_COMMANDS with the parsed options."
-    import importlib
-    row = TRAIN_COMMANDS[args.stage]
-    fn = getattr(importlib.import_module(row['module']), row['fn'])
-    kind = getattr(args, row['kind_option'].lstrip('-'))
-    inputs = [getattr(args, dest) for _, dest, _ in row['inputs']]
-    res = fn(kind, *inputs, args.data, args.preset, out=args.out, test=args.test, resume=args.resume,
-             overwrite=args.overwrite, steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every,
-             device=args.device, seed=args.seed,
-             overrides={'train': {'grad_accum': args.grad_accum}} if args.grad_accum > 1 else None,
-             **row.get('kwargs', lambda a: {})(args))
+    "Run one row of TRAIN_COMMANDS: the typed run options from the parsed ones, then the stage's training function."
     from dalle_course.core import is_main_process
+    from dalle_course.runs import RunOptions
+    row = TRAIN_COMMANDS[args.stage]
+    train, _, _ = row['stage']()
+    options = RunOptions(out=args.out, test=args.test, resume=args.resume, overwrite=args.overwrite, steps=args.steps,
+                         batch_size=args.batch_size, eval_every=args.eval_every, grad_accum=args.grad_accum,
+                         device=args.device, seed=args.seed)
+    inputs = [getattr(args, dest) for _, dest, _ in row['inputs']]
+    res = train(getattr(args, row['kind_option'].lstrip('-')), *inputs, args.data, args.preset, options,
+                **row.get('kwargs', lambda a: {})(args))
     if is_main_process(): print(row['report'](args, res))  # under torchrun: one report, from rank 0
     return 0
 
 def _read_prompts(args) -> list[str]:
     if getattr(args, 'data', None) is not None: return []  # drawn from the dataset's test split once the prior is loaded
     if args.prompts is not None:
-        if not args.prompts.is_file(): raise InputError(f"no prompts file at {args.prompts}; pass a text file with one description per line")
+        if not args.prompts.is_file(): raise _error(f"no prompts file at {args.prompts}; pass a text file with one description per line")
         return [l.strip() for l in args.prompts.read_text().splitlines() if l.strip()]
     return [args.prompt]
-
-def _check_writable(path: Path):
-    "One line, before any work, if the file `path` could not be written (its folder, or the nearest existing one)."
-    import os, tempfile
-    d = path.parent
-    while not d.exists(): d = d.parent
-    if not d.is_dir(): raise InputError(f"--out {path} is under {d}, which is a file; choose a path in a folder")
-    try: tempfile.TemporaryFile(dir=d).close()
-    except OSError as e: raise InputError(f"--out {path}: cannot write in {d} ({e.strerror}); choose a folder you can write to") from None
 
 SAMPLE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.pdf', '.svg', '.npz')  # a captioned grid, or (.npz) the raw images
 
 def run_sample(args) -> int:
     "Sample images for prompts from a trained prior; save a captioned grid, or (.npz) the raw images and their prompts."
+    import io, json
     import numpy as np
-    from dalle_course.prior_training import load_prior_run, run_sampling, sample_figure
     from dalle_course.core import to_uint8_hwc, write_bytes_atomic
+    from dalle_course.pipeline import Pipeline
+    from dalle_course.runs import check_output_file
     prompts = _read_prompts(args)
-    if args.out.suffix.lower() not in SAMPLE_SUFFIXES:
-        raise InputError(f"--out {args.out} must be an image file name such as grid.png, or samples.npz for the raw images")
-    if args.out.is_dir(): raise InputError(f"--out {args.out} is a folder; give a file name such as grid.png or samples.npz")
-    if args.out.exists() and not args.overwrite:
-        raise InputError(f"--out {args.out} already exists; pass --overwrite to replace it or choose another file name")
-    _check_writable(args.out)
-    prior, itok, ttok = load_prior_run(args.prior, args.device)
+    check_output_file(args.out, '--out', SAMPLE_SUFFIXES, args.overwrite,
+                      example='grid.png for a captioned grid, or samples.npz for the raw images')
+    pipe = Pipeline.from_run(args.prior, args.device)
     if args.data is not None:  # free text (CUB): test captions, cut to the prior's text length as training cut them
         from dalle_course.cub import fit_prompts, test_prompts
         from dalle_course.datasets import open_dataset
-        _, caps = test_prompts(open_dataset(args.data), itok.image_size, args.n_prompts, args.seed)
-        prompts = fit_prompts(ttok, caps, prior.text_len)
-    settings = run_sampling(args.prior, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            guidance=args.guidance, steps=args.steps)  # the run's recorded settings, unless given here
-    prior.check_options({k: v for k, v in settings.items() if k != 'top_p' or v is not None})  # e.g. --steps for a G1
-    t0 = time.time()
-    fig, images = sample_figure(prior, itok, ttok, prompts, n=args.n, seed=args.seed, batch_size=args.batch_size,
-                                show_progress=True, **settings)
-    secs = time.time() - t0
+        _, caps = test_prompts(open_dataset(args.data), pipe.tokenizer.image_size, args.n_prompts, args.seed)
+        prompts = fit_prompts(pipe.text_tokenizer, caps, pipe.prior.text_len)
+    given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, guidance=args.guidance, steps=args.steps)
+    pipe.prior.check_options(pipe.settings(**given).options())  # e.g. --steps for a G1: one line, before any drawing
+    fig, drawn = pipe.figure(prompts, n=args.n, seed=args.seed, batch_size=args.batch_size, show_progress=True, **given)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.out.suffix.lower() == '.npz':
-        import io, json
         buf = io.BytesIO()
-        np.savez_compressed(buf, images=to_uint8_hwc(images), prompts=np.array([p for p in prompts for _ in range(args.n)]),
-                            sampling=np.array(json.dumps(settings)))
+        np.savez_compressed(buf, images=to_uint8_hwc(drawn.images), prompts=np.array(drawn.prompts),
+                            sampling=np.array(json.dumps(drawn.settings.to_dict())))
         write_bytes_atomic(args.out, buf.getvalue())
     else: fig.savefig(args.out, dpi=100)
-    print(f"{len(images)} images for {len(prompts)} prompt{'s' if len(prompts) > 1 else ''} in {secs:.1f} s "
-          f"({len(images) / secs:.1f} images/s) with {_settings_text(settings)} -> {args.out}")
+    n = len(drawn.images)
+    print(f"{n} images for {len(prompts)} prompt{'s' if len(prompts) > 1 else ''} in {drawn.seconds:.1f} s "
+          f"({drawn.images_per_s:.1f} images/s) with {drawn.settings} -> {args.out}")
     return 0
-
-def _settings_text(s: dict) -> str:
-    return ', '.join(f"{k} {v}" for k, v in s.items() if v is not None)
 
 def run_demo(args) -> int:
     "The whole pipeline, small: data, tokenizer, prior, samples, report."
@@ -211,6 +202,42 @@ def run_demo(args) -> int:
              if f else '')
     print(f"demo ({args.preset}) finished in {m['seconds_total']:.0f} s: tokenizer PSNR {m['tokenizer']['psnr']:.2f} dB, "
           f"prior teacher-forced CE {m['prior']['teacher_forced_ce']:.4f} nats/token{score}; report in {rep['report']}")
+    return 0
+
+def run_eval(args) -> int:
+    """`dalle-course eval`: judge --prior (and --compare) on unseen MD-MNIST descriptions (lesson 29), or with --data
+    on a free-text dataset's test captions (lesson 33); everything is checked before --out is written."""
+    from dalle_course.runs import RunFolder
+    runs = {Path(args.prior).name or 'prior': args.prior}
+    if args.compare is not None:
+        name = Path(args.compare).name or 'compare'
+        runs[name if name not in runs else name + ' (2)'] = args.compare
+    for r in runs.values():
+        if not Path(r).is_dir(): raise _error(f"{r} is not a folder; pass the --out folder of a `dalle-course train prior` run")
+    if args.data is None:
+        from dalle_course.mdmnist import parse_holdout
+        from dalle_course.study import evaluate_priors, load_study_inputs, save_study, study_table
+        holdout = parse_holdout(args.holdout)
+        inputs = load_study_inputs(runs, args.clip, args.classifier, args.device)
+        rf = RunFolder(args.out, 'eval', overwrite=args.overwrite, resumable=False)
+        rf.check()
+        with rf:
+            res = evaluate_priors(runs, n=args.n, seed=args.seed, rerank_ns=args.rerank or (), show_progress=True,
+                                  inputs=inputs, holdout=holdout)
+            save_study(res, rf)
+        print(study_table(res)); print(f"eval.json, eval.md and plots in {args.out}")
+        return 0
+    from dalle_course.cub import evaluate_text_priors, save_text_eval, text_eval_table
+    from dalle_course.datasets import open_dataset
+    if not (args.classifier is None and args.rerank is None and args.holdout is None):
+        raise _error("--classifier, --rerank and --holdout read MD-MNIST attributes; leave them out for free-text data")
+    data = open_dataset(args.data)
+    rf = RunFolder(args.out, 'eval', overwrite=args.overwrite, resumable=False)
+    rf.check()
+    res = evaluate_text_priors(runs, data, args.clip, n=min(args.n, 10 ** 6), seed=args.seed, device=args.device,
+                               show_progress=True)
+    with rf: save_text_eval(res, rf)
+    print(text_eval_table(res)); print(f"eval.json, eval.md and samples in {args.out}")
     return 0
 
 def run_bench_tokenizers(args) -> int:
@@ -231,15 +258,14 @@ def run_bench_tokenizers(args) -> int:
 def run_bench_samplers(args) -> int:
     "Score prior runs against their sampling steps (Paella, MaskGIT) beside autoregressive ones, and time them."
     import json
-    from dalle_course.paella import plot_sweep, step_sweep, sweep_table
-    from dalle_course.runs import RunFolder
-    from dalle_course.sampling import check_sampling_args
+    from dalle_course.runs import RunFolder, SamplingSettings
+    from dalle_course.study import plot_sweep, step_sweep, sweep_table
     runs = {}
     for r in args.prior:
-        if any(r.resolve() == q.resolve() for q in runs.values()): raise InputError(f"--prior {r} is given twice; name each run once")
+        if any(r.resolve() == q.resolve() for q in runs.values()): raise _error(f"--prior {r} is given twice; name each run once")
         runs[r.name if r.name not in runs else str(r)] = r
     sampling = {k: v for k, v in dict(guidance=args.guidance, temperature=args.temperature, top_k=args.top_k).items() if v is not None}
-    check_sampling_args(**sampling)  # a bad --temperature or --guidance before anything loads
+    SamplingSettings.resolve(sampling)  # a bad --temperature or --guidance before anything loads
     rf = RunFolder(args.out, 'bench samplers', overwrite=args.overwrite, resumable=False)
     rf.check()  # --out first, writing nothing; step_sweep loads every prior, the CLIP and the ruler before it samples
     res = step_sweep(runs, steps=args.steps, n=args.n, seed=args.seed, batch_size=args.batch_size, device=args.device,
@@ -253,23 +279,15 @@ def run_bench_samplers(args) -> int:
 
 def _bench_json(args):
     "The --json file of a speed bench: new, or (with --overwrite) one an earlier `dalle-course bench` wrote."
-    import json
-    path = args.json
-    if path is None: return None
-    if path.suffix != '.json': raise InputError(f"--json {path} must end in .json")
-    if path.exists():
-        try: mine = path.is_file() and json.loads(path.read_text()).get('written_by') == 'dalle-course bench'
-        except (ValueError, AttributeError): mine = False
-        if not mine: raise InputError(f"--json {path} exists and was not written by dalle-course bench; choose a new file")
-        if not args.overwrite: raise InputError(f"--json {path} exists; pass --overwrite to replace it, or choose a new file")
-    _check_writable(path)
-    return path
+    from dalle_course.runs import check_output_file
+    if args.json is None: return None
+    return check_output_file(args.json, '--json', ('.json',), args.overwrite, written_by='dalle-course bench')
 
 def _write_bench(path, res):
     import json
+    from dalle_course.core import write_text_atomic
     if path is None: return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({'written_by': 'dalle-course bench', **res}, indent=1))
+    write_text_atomic(path, json.dumps({'written_by': 'dalle-course bench', **res}, indent=1))
     print(f"results in {path}")
 
 def _bench_sizes(args) -> dict:
@@ -282,7 +300,7 @@ def run_bench_train(args) -> int:
     from dalle_course.core import get_device
     from dalle_course.speed import bench_report, bench_train
     cfg, path, dev = _bench_sizes(args), _bench_json(args), get_device(args.device)
-    if args.peak_tflops is not None and not args.peak_tflops > 0: raise InputError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
+    if args.peak_tflops is not None and not args.peak_tflops > 0: raise _error(f"--peak-tflops must be > 0, got {args.peak_tflops}")
     res = bench_train(cfg, mask=args.mask, steps=args.steps, warmup=args.warmup, device=dev, compile=args.compile,
                       amp=not args.no_amp, peak_flops=None if args.peak_tflops is None else args.peak_tflops * 1e12,
                       attention=args.attention)
@@ -292,9 +310,9 @@ def run_bench_train(args) -> int:
 def run_bench_generate(args) -> int:
     "Time G1 sampling at a configuration: lesson 24's growing cache against the static cache, per-token cost by quarter."
     from dalle_course.core import get_device
-    from dalle_course.sampling import check_sampling_args
+    from dalle_course.runs import SamplingSettings
     from dalle_course.speed import bench_generate, bench_report
-    check_sampling_args(guidance=args.guidance)
+    SamplingSettings(guidance=args.guidance)  # a non-finite --guidance: one line
     cfg, path, dev = _bench_sizes(args), _bench_json(args), get_device(args.device)
     res = bench_generate(cfg, mask=args.mask, repeats=args.repeats, warmup=args.warmup, device=dev, compile=args.compile,
                          guidance=args.guidance, reference=not args.static_only)
@@ -334,6 +352,17 @@ def run_lessons(args) -> int:
     return 1 if any(r['errors'] for r in res.values()) else 0
 
 # %% ../nbs/95_cli.ipynb #95_cli-007
+COMMANDS = {  # the subcommands and their one-line help: what `dalle-course --help` lists, without importing torch
+    'data': 'generate datasets (MD-MNIST, a CUB-200 fixture)',
+    'train': 'train a stage (tokenizer, prior, classifier, clip)',
+    'sample': 'draw images for descriptions from a trained prior',
+    'demo': 'the whole pipeline end to end, small (about 9 minutes on a 2-core CPU)',
+    'bench': 'benchmarks: compare variants (tokenizers, samplers) and time them (train, generate, tokenizer)',
+    'eval': 'judge one prior, or compare two (G1 vs G2): ruler, CLIP score, CTRS, CICS, CE',
+    'lessons': 'list the lessons, or time them',
+    'exercises': 'write learner copies of the notebooks (solutions removed)',
+}
+
 def _positive_int(s: str) -> int:
     try: v = int(s)
     except ValueError: raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
@@ -384,15 +413,24 @@ def _training_args(p: argparse.ArgumentParser, out_help: str, presets: dict, res
     p.add_argument('--overwrite', action='store_true',
                    help='replace the run in --out: the files it wrote are deleted first (never any other file)')
 
+def _top_parser() -> argparse.ArgumentParser:
+    "The parser of `dalle-course --help` (and of a mistyped command): the subcommands by name, no library imported."
+    p = _Parser(prog=PROG, description=_DESCRIPTION)
+    sub = p.add_subparsers(dest='command', metavar='COMMAND', parser_class=_Parser)
+    sub.required = True
+    for name, help_ in COMMANDS.items(): sub.add_parser(name, help=help_, add_help=False)
+    return p
+
+_DESCRIPTION = ("Train, sample and evaluate DALL-E-style text-to-image models with discrete image tokens (the "
+                "dalle_course library's command line). `dalle-course COMMAND --help` tells more about each command.")
+
 def build_parser() -> argparse.ArgumentParser:
     "The `dalle-course` argument parser with all its subcommands."
-    p = _Parser(prog=PROG, description="Train, sample and evaluate DALL-E-style text-to-image models with discrete "
-                "image tokens (the dalle_course library's command line).",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog=PROG, description=_DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest='command', metavar='COMMAND', parser_class=_Parser)
     sub.required = True
 
-    data = sub.add_parser('data', help='generate datasets (MD-MNIST, a CUB-200 fixture)', description='Generate datasets.')
+    data = sub.add_parser('data', help=COMMANDS['data'], description='Generate datasets.')
     dsub = data.add_subparsers(dest='dataset', metavar='DATASET', parser_class=_Parser); dsub.required = True
     md = dsub.add_parser('mdmnist', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                          help='three coloured MNIST digits per image with a 12-token description',
@@ -423,12 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument('--seed', type=int, default=0, help='random seed')
     cf.set_defaults(func=run_data_cub_fixture)
 
-    tr = sub.add_parser('train', help='train a stage (tokenizer, prior, classifier, clip)', description='Train one stage of the pipeline '
+    tr = sub.add_parser('train', help=COMMANDS['train'], description='Train one stage of the pipeline '
                         'through the shared training loop; every run folder can be resumed with --resume.')
     tsub = tr.add_subparsers(dest='stage', metavar='STAGE', parser_class=_Parser); tsub.required = True
     for stage, row in TRAIN_COMMANDS.items():  # one parser per row of the table
-        m = _table(row['module'], row['names'])
-        kinds, presets = row['kinds'](m), row['presets'](m)
+        _, kinds, presets = row['stage']()
         kinds_help = "\n\nkinds (" + row['kind_option'] + "):\n" + "\n".join(f"  {k:15s} {d}" for k, d in kinds.items())
         sp = tsub.add_parser(stage, formatter_class=argparse.RawDescriptionHelpFormatter, help=row['help'],
                              description=row['description'] + kinds_help +
@@ -440,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=run_train)
 
     sm = sub.add_parser('sample', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                        help='draw images for descriptions from a trained prior',
+                        help=COMMANDS['sample'],
                         description="Sample images for one prompt (--prompt) or many (--prompts FILE, one per line) "
                         "from a `train prior` run and save a grid with one row per prompt. MD-MNIST priors read "
                         "exactly 12 tokens: value size colour position for each of the 3 digits, e.g. "
@@ -469,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from dalle_course.demo import DEMO_PRESETS
     dm = sub.add_parser('demo', formatter_class=argparse.RawDescriptionHelpFormatter,
-                        help='the whole pipeline end to end, small (about 9 minutes on a 2-core CPU)',
+                        help=COMMANDS['demo'],
                         description="Generate MD-MNIST, train an image tokenizer and a prior, sample images for "
                         "test descriptions that are not in the training captions, read them with the attribute ruler, "
                         "and write a report folder (report.md with the per-attribute table beside the tokenizer's "
@@ -482,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     _device_seed_args(dm)
     dm.set_defaults(func=run_demo)
 
-    be = sub.add_parser('bench', help='benchmarks: compare variants (tokenizers, samplers) and time them (train, generate, tokenizer)',
+    be = sub.add_parser('bench', help=COMMANDS['bench'],
                         description='Train several variants on the same data and write comparison tables and plots '
                         '(tokenizers, samplers), or time training, generation and a tokenizer (train, generate, tokenizer).')
     bsub = be.add_subparsers(dest='bench', metavar='WHAT', parser_class=_Parser); bsub.required = True
@@ -575,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     bk.set_defaults(func=run_bench_tokenizer)
 
     ev = sub.add_parser('eval', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                        help='judge one prior, or compare two (G1 vs G2): ruler, CLIP score, CTRS, CICS, CE',
+                        help=COMMANDS['eval'],
                         description="Draw one image per unseen MD-MNIST test description with each prior (its run's "
                         "sampling settings) and measure: the attribute ruler's caption-following scores, the CLIP "
                         "score and CTRS (thesis 4.3.3) with the CLIP, the teacher-forced CE on real test images, and "
@@ -600,10 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument('--out', type=Path, required=True, help='output folder (new or empty)')
     ev.add_argument('--overwrite', action='store_true', help='replace an earlier eval in --out (only its own files)')
     _device_seed_args(ev)
-    ev.set_defaults(func=lambda a: __import__('dalle_course.cub', fromlist=['run_eval_text']).run_eval_text(a)
-                    if a.data is not None else __import__('dalle_course.study', fromlist=['run_eval']).run_eval(a))
+    ev.set_defaults(func=run_eval)
 
-    ls = sub.add_parser('lessons', formatter_class=argparse.ArgumentDefaultsHelpFormatter, help='list the lessons, or time them',
+    ls = sub.add_parser('lessons', formatter_class=argparse.ArgumentDefaultsHelpFormatter, help=COMMANDS['lessons'],
                         description="List the course's lessons. With --time, run each (a learner copy with the solutions kept, "
                         "in a temporary folder, slow cells skipped) and print a table of seconds: how long a lesson takes on this machine.")
     ls.add_argument('names', nargs='*', help='lessons to time, e.g. 10_gumbel 21_masks (default: all)')
@@ -611,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(func=run_lessons)
 
     ex = sub.add_parser('exercises', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                        help='write learner copies of the notebooks (solutions removed)',
+                        help=COMMANDS['exercises'],
                         description="Copy the course notebooks with every solution block replaced by "
                         "`raise NotImplementedError` and all outputs cleared. Work through the copies.")
     ex.add_argument('--out', type=Path, required=True, help='folder for the learner notebooks')
@@ -624,7 +660,10 @@ def build_parser() -> argparse.ArgumentParser:
 # %% ../nbs/95_cli.ipynb #95_cli-008
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `dalle-course` console script; returns the exit status."
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith('-')), None)
+    args = (build_parser() if command in COMMANDS else _top_parser()).parse_args(argv)  # `--help`: no torch
+    from dalle_course.core import InputError  # the library (and torch) from here on
     try:
         return args.func(args)
     except InputError as e:

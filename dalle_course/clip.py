@@ -13,17 +13,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import dalle_course
-from .core import (InputError, autocast, get_device, load_model, model_fingerprint, progress,
-                               read_checkpoint_meta, register_model, require as _check, save_model, seed_everything)
+from .core import (InputError, shipped, autocast, get_device, load_model, model_fingerprint, progress,
+                               read_checkpoint_meta, require as _check, save_model, seed_everything)
 from .datasets import all_captions, dataset_fingerprint, image_size as dataset_image_size, split_train_test, text_spec
 from .evaluation import _pair_scores, caption_following, perturb_attributes
 from .image_tokenizer import ImageTokenizer, load_tokenizer
-from .learner import train_recipe
+from .learner import Stage, train_run
 from .masks import PadEmbedding
 from .mdmnist import FIELDS, N_SLOTS, caption, parse_caption
-from .prior_training import fit_text_tokenizer, generate
-from .runs import FILES, Recipe, RunFolder, RunResult, resolve_train
-from .text import load_text_tokenizer
+from .runs import FILES, Recipe, RunOptions, RunResult, resolve_train
+from .text import fit_text_tokenizer, load_text_tokenizer
 from .transformer import ImagePositions, TextPositions, Transformer
 
 # %% auto #0
@@ -131,7 +130,7 @@ class CLIP(nn.Module):
 
     def save(self, path, extra: dict | None = None) -> Path: return save_model(self, path, extra=extra)
 
-_ = register_model(CLIP, 'clip')
+
 
 # %% ../nbs/28_clip.ipynb #b17fc57d
 def contrastive_loss(logits: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
@@ -244,7 +243,7 @@ CLIP_PRESETS: dict[str, dict] = {
 }
 PATCH_PX = 8   # the patch side of every preset (the thesis's code: 8-px patches at 128 px)
 CLIP_FILE = 'clip.safetensors'
-SHIPPED_CLIP_RUN = Path(dalle_course.__file__).resolve().parent.parent / 'data' / 'demo_64' / 'clip'  # trained on the demo tokenizer
+SHIPPED_CLIP_RUN = shipped('demo_64/clip')  # trained on the demo tokenizer
 
 def resolve_clip_recipe(kind: str, preset: str, image_size: int, n_train: int, text_vocab: int, text_len: int,
                         steps: int | None = None, batch_size: int | None = None, seed: int = 0,
@@ -336,52 +335,45 @@ def _clip_items(tokenizer, ds, text_tok, L, n_negatives, device, draw: bool = Fa
     return ClipPairs(reconstruct(tokenizer, ds, device=device), [c[0] for c in lists], text_tok, L, attrs,
                      n_negatives if attrs is not None else 0, caption_lists=lists if draw else None)
 
-def train_clip(kind: str, tokenizer, data, preset: str = 'tiny', out=None, test=None, resume: bool = False,
-               steps: int | None = None, batch_size: int | None = None, eval_every: int | None = None,
-               device: str | None = None, seed: int = 0, overrides: dict | None = None, callbacks=(),
-               overwrite: bool = False, n_test: int = 256) -> RunResult:
+def train_clip(kind: str, tokenizer, data, preset: str = 'tiny', options: RunOptions | None = None, n_test: int = 256,
+               **run) -> RunResult:
     """Train a CLIP on the reconstructions of `data` by `tokenizer` (an ImageTokenizer, its file or its run folder);
-    with `out`, a run folder. Returns a `RunResult` (model = the CLIP; eval = retrieval and binding on the test split;
-    extra: 'clip', 'text_tokenizer', 'test_images', 'test_captions', 'test_attributes')."""
-    get_device(device)
+    `options` (or the same keywords: out, test, resume, steps, ...) are the run options of every training command.
+    Returns a `RunResult` (model = the CLIP; eval = retrieval and binding on the test split; extra: 'clip',
+    'text_tokenizer', 'test_images', 'test_captions', 'test_attributes')."""
+    o = RunOptions.make(options, **run)
+    get_device(o.device)
     if not isinstance(tokenizer, ImageTokenizer):
         src = Path(tokenizer)
         tokenizer = load_tokenizer(src / FILES['tokenizer'] if src.is_dir() else src)
     fp = model_fingerprint(tokenizer)
-    train, test = split_train_test(data, test, n_test, stage='clip', size=tokenizer.image_size)
+    train, test = split_train_test(data, o.test, n_test, stage='clip', size=tokenizer.image_size)
     size = dataset_image_size(train)
     _check(tokenizer.image_size == size, f"the tokenizer was trained on {tokenizer.image_size} px images but the data is {size} px; use data of the tokenizer's size")
     text_tok, tspec = fit_text_tokenizer(text_spec(train), all_captions(train))
-    recipe = resolve_clip_recipe(kind, preset, size, len(train), text_tok.vocab_size, tspec['length'], steps, batch_size,
-                                 seed, overrides, text=tspec)
-    rf = None
-    if out is not None:
-        rf = RunFolder(out, 'train clip', resume=resume, overwrite=overwrite,
-                       inputs={'image_tokenizer': fp, 'train_data': dataset_fingerprint(train), 'test_data': dataset_fingerprint(test)})
-        recipe = rf.prepare(recipe, SAME_CLIP_RUN, steps)
-        rf.open()
-    try:
-        dev = get_device(device)
-        if rf is not None: recipe.save(rf.file('recipe')); text_tok.save(rf.file('text_tokenizer'))
-        L = recipe['text']['length']
-        train_ds = _clip_items(tokenizer, train, text_tok, L, recipe['n_negatives'], dev, draw=True)
-        test_ds = _clip_items(tokenizer, test, text_tok, L, recipe['n_negatives'], dev)
-        seed_everything(recipe.train['seed'])
-        model = CLIP(**recipe.model)
-        learner = train_recipe(model, clip_loss, recipe, train_ds, test_ds, folder=rf, device=device, eval_every=eval_every,
-                               eval_per_run=10, resume=resume, callbacks=callbacks)
-        model.eval()
-        res = evaluate_clip(model, text_tok, test_ds.images, test_ds.captions, test_ds.attributes, seed=seed)
+    recipe = resolve_clip_recipe(kind, preset, size, len(train), text_tok.vocab_size, tspec['length'], o.steps, o.batch_size,
+                                 o.seed, o.recipe_overrides(), text=tspec)
+
+    def data_(recipe, rf):
+        if rf is not None: text_tok.save(rf.file('text_tokenizer'))
+        dev, L = get_device(o.device), recipe['text']['length']
+        return (_clip_items(tokenizer, train, text_tok, L, recipe['n_negatives'], dev, draw=True),
+                _clip_items(tokenizer, test, text_tok, L, recipe['n_negatives'], dev))
+
+    def evaluate(model, learner, train_ds, test_ds):
+        res = evaluate_clip(model, text_tok, test_ds.images, test_ds.captions, test_ds.attributes, seed=o.seed)
         res['temperature'] = 1 / float(model.scale().detach())
-        result = RunResult(model, recipe, learner.summary, res, learner.records, None if rf is None else rf.path,
-                           extra={'clip': model, 'text_tokenizer': text_tok, 'test_images': test_ds.images,
-                                  'test_captions': test_ds.captions, 'test_attributes': test_ds.attributes})
-        if rf is not None:
-            model.save(rf.file(CLIP_FILE), extra={'recipe': recipe.to_dict(), 'depends': {'image_tokenizer': fp}})
-            rf.file('eval').write_text(json.dumps({**res, 'steps': learner.step}, indent=1))
-        return result
-    finally:
-        if rf is not None: rf.close()
+        return res, {'clip': model, 'text_tokenizer': text_tok, 'test_images': test_ds.images,
+                     'test_captions': test_ds.captions, 'test_attributes': test_ds.attributes}
+
+    def save(result, rf):
+        result.model.save(rf.file(CLIP_FILE), extra={'recipe': result.recipe.to_dict(), 'depends': {'image_tokenizer': fp}})
+        rf.file('eval').write_text(json.dumps({**result.eval, 'steps': result.summary['step']}, indent=1))
+
+    return train_run(Stage('train clip', recipe, SAME_CLIP_RUN, build=lambda r: CLIP(**r.model), loss=clip_loss,
+                           evaluate=evaluate, data=data_, save=save,
+                           inputs={'image_tokenizer': fp, 'train_data': dataset_fingerprint(train),
+                                   'test_data': dataset_fingerprint(test)}), o)
 
 def load_clip_run(run=None, device: str | torch.device = 'cpu') -> tuple:
     """(clip, text tokenizer, the fingerprint of the image tokenizer it was trained on) from a `train clip` run folder
@@ -394,7 +386,7 @@ def load_clip_run(run=None, device: str | torch.device = 'cpu') -> tuple:
     return clip, load_text_tokenizer(run / FILES['text_tokenizer']), fp
 
 # %% ../nbs/28_clip.ipynb #a472f66b
-def rerank_curve(prior, tokenizer, text_tok, scorer, ruler, prompts: list[str], ns=(1, 2, 4, 8, 16, 32), seed: int = 0,
+def rerank_curve(pipe, scorer, ruler, prompts: list[str], ns=(1, 2, 4, 8, 16, 32), seed: int = 0,
                  batch_size: int = 64, show_progress: bool = False, **sampling) -> dict:
     """Best-of-N reranking: `max(ns)` samples per MD-MNIST prompt, scored by `scorer` (e.g. `clip_scorer`); for each N
     the ruler's caption-following scores of the best of the first N, and the seconds per prompt it costs."""
@@ -402,8 +394,8 @@ def rerank_curve(prior, tokenizer, text_tok, scorer, ruler, prompts: list[str], 
     said = torch.as_tensor(np.stack([parse_caption(p) for p in prompts]))           # (P, 3, 4)
     P, N = len(prompts), max(ns)
     t0 = time.perf_counter()
-    images = generate(prior, tokenizer, text_tok, prompts, n=N, seed=seed, batch_size=batch_size,
-                      show_progress=show_progress, **sampling)                         # (P*N, 3, S, S)
+    images = pipe(prompts, n=N, seed=seed, batch_size=batch_size, show_progress=show_progress,
+                  **sampling).images                                             # the pipeline of lesson 08                         # (P*N, 3, S, S)
     t_gen = time.perf_counter() - t0
     t0 = time.perf_counter()
     s = _pair_scores(scorer, images, [p for p in prompts for _ in range(N)], torch.arange(P * N), 256).view(P, N)

@@ -15,10 +15,11 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'MODEL_FORMAT', 'seed_everything', 'InputError', 'require', 'get_device', 'autocast',
+__all__ = ['CHECKPOINT_FORMAT', 'MODEL_FORMAT', 'MODELS', 'seed_everything', 'InputError', 'require', 'get_device', 'autocast',
            'world_info', 'is_main_process', 'progress', 'to_uint8_hwc', 'image_grid', 'pack_state', 'unpack_state',
            'save_checkpoint', 'read_checkpoint_meta', 'load_checkpoint', 'damaged', 'read_json', 'write_bytes_atomic',
-           'write_text_atomic', 'register_model', 'save_model', 'load_model', 'model_fingerprint']
+           'write_text_atomic', 'register_model', 'model_class', 'save_model', 'load_model', 'model_fingerprint',
+           'shipped']
 
 # %% ../nbs/00_core.ipynb #00_core-005
 def seed_everything(seed: int) -> None:
@@ -237,12 +238,34 @@ def write_text_atomic(path, text: str) -> Path:
 
 # %% ../nbs/00_core.ipynb #00_core-031
 MODEL_FORMAT = 'dalle_course/model/1'
-_MODELS: dict[str, tuple[str, type]] = {}  # 'module.Class' -> (role, class)
+MODELS: dict[str, dict[str, str | type]] = {  # the one registry: role -> kind -> class (a 'module.Class' name until first use)
+    'image_tokenizer': {'patch-colour': 'dalle_course.image_tokenizer.PatchColourTokenizer',  # lesson 11
+                        'dvae': 'dalle_course.dvae.DVAE', 'vqvae': 'dalle_course.vqvae.VQVAE'},  # 12, 13 (FSQ is a VQVAE)
+    'text_tokenizer': {'attributes': 'dalle_course.text.AttributeTokenizer', 'words': 'dalle_course.text.WordTokenizer',
+                       'bpe': 'dalle_course.text.BPETokenizer'},                          # lesson 20
+    'prior': {'joint': 'dalle_course.prior.JointPrior', 'separate': 'dalle_course.prior.SeparatePrior',  # lesson 23
+              'paella': 'dalle_course.paella.PaellaPrior', 'maskgit': 'dalle_course.paella.MaskGITPrior'},  # lesson 31
+    'ruler': {'ruler': 'dalle_course.ruler.AttributeRuler'},                                # lesson 07
+    'clip': {'clip': 'dalle_course.clip.CLIP'},                                             # lesson 28
+}
 
-def register_model(cls, role: str):
-    "Make `cls` loadable by `load_model` as a `role` model ('image_tokenizer', 'text_tokenizer', 'prior', ...)."
-    _MODELS[f'{cls.__module__}.{cls.__qualname__}'] = (role, cls)
+def _name(c) -> str: return c if isinstance(c, str) else f'{c.__module__}.{c.__qualname__}'
+
+def register_model(cls, role: str, kind: str | None = None):
+    "Make your own class `cls` loadable by `load_model` as a `role` model, under `kind` (default: `cls.kind` or its name)."
+    MODELS.setdefault(role, {})[kind or getattr(cls, 'kind', None) or cls.__qualname__] = cls
     return cls
+
+def model_class(role: str, kind: str) -> type:
+    "The class registered as `kind` of `role` (imported on first use, so a low module can name a higher one's class)."
+    kinds = MODELS.get(role, {})
+    if kind not in kinds: raise InputError(f"unknown {role.replace('_', ' ')} kind {kind!r}; use one of {', '.join(kinds)}")
+    c = kinds[kind]
+    if isinstance(c, str):
+        import importlib
+        mod, _, name = c.rpartition('.')
+        c = kinds[kind] = getattr(importlib.import_module(mod), name)
+    return c
 
 def _header(obj) -> dict:
     return {'format': MODEL_FORMAT, 'role': obj.role, 'module': type(obj).__module__, 'class': type(obj).__qualname__,
@@ -257,13 +280,13 @@ def save_model(obj, path, extra: dict | None = None, step: int | None = None) ->
     return write_text_atomic(path, json.dumps({**_header(obj), **(extra or {})}, ensure_ascii=False))
 
 def _class_of(h: dict, role: str, path, label: str) -> type:
+    "The registered class a saved header names; a file of another role, or of no registered class, is one line."
     key = f"{h.get('module')}.{h.get('class')}" if isinstance(h, dict) else ''
-    if key not in _MODELS and str(h.get('module', '') if isinstance(h, dict) else '').startswith('dalle_course.'):
-        import importlib; importlib.import_module(h['module'])  # defining the class registers it
-    if key not in _MODELS: raise InputError(f"{path} is not a dalle_course {label}; pass a file written by dalle-course")
-    r, cls = _MODELS[key]
-    if r != role: raise InputError(f"{path} holds a {r.replace('_', ' ')}, not a {label}; pass the right file")
-    return cls
+    found = [(r, k) for r, kinds in MODELS.items() for k, c in kinds.items() if _name(c) == key]
+    if not found: raise InputError(f"{path} is not a dalle_course {label}; pass a file written by dalle-course")
+    r = next((x for x in found if x[0] == role), found[0])
+    if r[0] != role: raise InputError(f"{path} holds a {r[0].replace('_', ' ')}, not a {label}; pass the right file")
+    return model_class(*r)
 
 def load_model(path, role: str, device: str | torch.device = 'cpu', label: str | None = None):
     "Rebuild the `role` model saved at `path` by `save_model` (an nn.Module comes back in eval mode on `device`)."
@@ -287,3 +310,12 @@ def model_fingerprint(obj) -> str:
         for k, v in obj.state_dict().items():
             h.update(k.encode()); h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+# %% ../nbs/00_core.ipynb #00_core-s1
+def shipped(name: str = '') -> Path:
+    "The path of a shipped file or folder: in the installed package's `assets/`, else in the repository's `data/`."
+    import dalle_course
+    here = Path(dalle_course.__file__).resolve().parent
+    root = here / 'assets'
+    return (root if root.is_dir() else here.parent / 'data') / name
+

@@ -16,9 +16,9 @@ from .clip import clip_scorer, load_clip_run
 from .core import InputError, get_device, image_grid, model_fingerprint, require as _check
 from .datasets import all_captions, open_dataset, split_train_test
 from .evaluation import bootstrap_ci, cics, teacher_forced_ce
-from .prior_training import encode_prompts, generate, length_at_percentile, load_prior_run, run_sampling
+from .pipeline import Pipeline
 from .runs import RunFolder
-from .text import words
+from .text import length_at_percentile, words
 from .tokenizer_training import _slug
 
 # %% auto #0
@@ -26,7 +26,7 @@ __all__ = ['CUB_DIR', 'TEXT_DIR', 'CAPTIONS_PER_IMAGE', 'FIXTURE_SPECIES', 'ROTA
            'LEXICON', 'SYNONYMS', 'ROLE', 'find_cub', 'is_cub_root', 'read_cub', 'write_cub_fixture', 'square_pad',
            'type1', 'type2', 'to_tensor', 'CUB', 'caption_stats', 'plot_caption_lengths', 'role_words',
            'perturb_caption', 'ctrs_text_captions', 'ctrs_text', 'fit_prompts', 'test_prompts', 'evaluate_text_priors',
-           'text_eval_table', 'run_eval_text']
+           'text_eval_table', 'save_text_eval']
 
 # %% ../nbs/33_cub.ipynb #33_cub-005
 CUB_DIR, TEXT_DIR = 'CUB_200_2011', 'text'
@@ -383,7 +383,8 @@ def evaluate_text_priors(runs: dict, data, clip_run, n: int = 256, seed: int = 0
     _check(clip_run is not None, "free-text data needs a CLIP trained on it: pass --clip, the --out folder of "
            "`dalle-course train clip --data ROOT ...`")
     dev = get_device(device)
-    priors = {name: dict(zip(('prior', 'tokenizer', 'text_tok'), load_prior_run(run, dev)), run=Path(run)) for name, run in runs.items()}
+    pipes = {name: Pipeline.from_run(run, dev) for name, run in runs.items()}
+    priors = {name: dict(pipe=p, prior=p.prior, tokenizer=p.tokenizer, text_tok=p.text_tokenizer, run=Path(runs[name])) for name, p in pipes.items()}
     clip, clip_tok, clip_fp = load_clip_run(clip_run, dev)
     sizes = {p['tokenizer'].image_size for p in priors.values()}
     _check(len(sizes) == 1, f"the priors draw images of different sizes ({sorted(sizes)}); compare priors of one image size")
@@ -397,18 +398,15 @@ def evaluate_text_priors(runs: dict, data, clip_run, n: int = 256, seed: int = 0
     real = torch.stack([test[i]['image'] for i in range(len(test))])                  # (n, 3, S, S) real test photos
     out, raw = {'n': len(prompts), 'seed': seed, 'image_size': S, 'clip_run': str(clip_run), 'models': {}}, {}
     for name, p in priors.items():
-        settings = {k: v for k, v in run_sampling(p['run']).items() if v is not None}
         cut = fit_prompts(p['text_tok'], prompts, p['prior'].text_len)
-        t0 = time.perf_counter()
-        images = generate(p['prior'], p['tokenizer'], p['text_tok'], cut, n=1, seed=seed, batch_size=batch_size,
-                          show_progress=show_progress, **settings)                     # (n, 3, S, S)
-        secs = time.perf_counter() - t0
+        drawn = p['pipe'](cut, n=1, seed=seed, batch_size=batch_size, show_progress=show_progress)  # the run's settings
+        images, secs, settings = drawn.images, drawn.seconds, drawn.settings.options()  # (n, 3, S, S)
         cs = scorer(images, cut)                                                      # (n,) the text the prior read
         ct = ctrs_text(scorer, images, cut, max_m=max_m, seed=seed)
         with torch.no_grad():
             z = torch.cat([p['tokenizer'].encode(real[i:i + batch_size].to(dev)).reshape(len(real[i:i + batch_size]), -1).cpu()
                            for i in range(0, len(real), batch_size)])                 # (n, h*w)
-        text = encode_prompts(p['text_tok'], prompts, p['prior'].text_len, truncate=True)
+        text = p['pipe'].encode(prompts, truncate=True)
         ce = teacher_forced_ce(p['prior'], torch.utils.data.TensorDataset(text, z.long()), batch_size=batch_size)
         out['models'][name] = {'run': str(p['run']), 'arch': p['prior'].arch, 'sampling': settings,
                                'clip_score': float(cs.mean()), 'clip_score_ci': bootstrap_ci(cs, None, n_boot, seed=seed),
@@ -438,26 +436,15 @@ def text_eval_table(res: dict) -> str:
         lines.append(f"\nCICS: {names[0]} wins {c['wins_a']}, {names[1]} wins {c['wins_b']} ({c['ties']} ties), sign test p = {c['p_sign']:.3g}")
     return '\n'.join(lines) + f"\n\n{res['n']} test captions (one image each, {res['image_size']} px); 95% bootstrap intervals in brackets."
 
-def run_eval_text(args) -> int:
-    "`dalle-course eval --data ROOT`: `evaluate_text_priors` for --prior (and --compare), written to --out."
-    runs = {Path(args.prior).name or 'prior': args.prior}
-    if args.compare is not None: runs[(Path(args.compare).name or 'compare') + (' (2)' if Path(args.compare).name in runs else '')] = args.compare
-    for r in runs.values():
-        _check(Path(r).is_dir(), f"{r} is not a folder; pass the --out folder of a `dalle-course train prior` run")
-    _check(args.classifier is None and args.rerank is None and args.holdout is None,
-           "--classifier, --rerank and --holdout read MD-MNIST attributes; leave them out for free-text data")
-    data = open_dataset(args.data)
-    rf = RunFolder(args.out, 'eval', overwrite=args.overwrite, resumable=False)
-    rf.check()
-    res = evaluate_text_priors(runs, data, args.clip, n=min(args.n, 10 ** 6), seed=args.seed, device=args.device, show_progress=True)
-    with rf:
-        js = {k: v for k, v in res.items() if k != 'raw'}
-        rf.file('eval').write_text(json.dumps(js, indent=1))
-        rf.file('eval.md').write_text(text_eval_table(res) + '\n')
-        import matplotlib.pyplot as plt
-        for name, r in res['raw'].items():
-            fig = image_grid(r['images'][:16], res['prompts'][:16], ncols=4, title=f'{name}: test captions')
-            fig.savefig(rf.file(f'samples_{_slug(name)}.png'), dpi=100)
-        plt.close('all')
-    print(text_eval_table(res)); print(f"eval.json, eval.md and samples in {args.out}")
-    return 0
+def save_text_eval(res: dict, rf: RunFolder) -> dict:
+    "Write eval.json, eval.md and a grid of samples per prior into an open run folder; returns the JSON part."
+    import matplotlib.pyplot as plt
+    js = {k: v for k, v in res.items() if k != 'raw'}
+    rf.file('eval').write_text(json.dumps(js, indent=1))
+    rf.file('eval.md').write_text(text_eval_table(res) + '\n')
+    for name, r in res['raw'].items():
+        fig = image_grid(r['images'][:16], res['prompts'][:16], ncols=4, title=f'{name}: test captions')
+        fig.savefig(rf.file(f'samples_{_slug(name)}.png'), dpi=100)
+    plt.close('all')
+    return js
+

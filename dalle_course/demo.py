@@ -14,9 +14,10 @@ from .core import InputError, get_device, image_grid, seed_everything
 from .datasets import all_captions, open_dataset
 from .evaluation import following_table, plot_ce_distribution, plot_following, score_images
 from .mdmnist import DATA_FILES, parse_caption, write_mdmnist
-from .runs import RunFolder
+from .runs import RunFolder, SamplingSettings
 from .tokenizer_training import default_ruler, train_tokenizer
-from .prior_training import generate, run_sampling, train_prior
+from .pipeline import Pipeline
+from .prior_training import train_prior
 
 # %% auto #0
 __all__ = ['DEMO_PRESETS', 'run_demo']
@@ -91,8 +92,9 @@ def _run(rf: RunFolder, p: dict, preset: str, dev, device, seed: int, quiet: boo
     train_caps = {c for caps in all_captions(open_dataset(train_dir)) for c in caps}
     test_caps = res['test_captions']
     prompts = list(dict.fromkeys(c for c in test_caps if c not in train_caps))[:p['n_prompts']]  # unseen, distinct
-    settings = run_sampling(res['recipe'])                     # the sampling settings the prior's recipe records
-    images = generate(prior, itok, ttok, prompts, n=p['n_samples'], seed=seed, show_progress=not quiet, **settings)
+    pipe = Pipeline(prior, itok, ttok, res['recipe']['sampling'])  # the sampling settings the prior's recipe records
+    settings = pipe.sampling.to_dict()
+    images = pipe(prompts, n=p['n_samples'], seed=seed, show_progress=not quiet).images
     times['sampling'] = time.time() - t
     sample_images_per_s = len(images) / times['sampling']
     said = torch.from_numpy(np.stack([parse_caption(c) for c in prompts])).repeat_interleave(p['n_samples'], 0)
@@ -114,8 +116,8 @@ def _run(rf: RunFolder, p: dict, preset: str, dev, device, seed: int, quiet: boo
     # completion: the top half of each of the first test images' tokens given, the rest sampled
     test_ds, k = res['test_tokens'], min(8, len(res['test_tokens']))
     z_true = test_ds.tensors[1][:k].view(k, prior.h, prior.w).to(dev)
-    comp = prior.generate(test_ds.tensors[0][:k].to(dev), given=z_true[:, :prior.h // 2], top_k=settings.get('top_k'),
-                          generator=torch.Generator(device=dev).manual_seed(seed))  # the prior's own sampler
+    comp = pipe(test_caps[:k], seed=seed, settings=SamplingSettings(top_k=settings.get('top_k')),  # plain, with top-k
+                given=z_true[:, :prior.h // 2]).tokens.to(dev)
     with torch.no_grad(): rows = [itok.decode(z_true).float().cpu(), itok.decode(comp).float().cpu()]
     half = rows[0].clone(); half[..., half.shape[-2] // 2:, :] = 0.3
     fig = image_grid(torch.cat([rows[0], half, rows[1]]).clamp(0, 1), ncols=k, scale=1.3,

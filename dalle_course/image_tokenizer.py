@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .core import InputError, load_model, progress, register_model, save_model
+from .core import InputError, load_model, progress, save_model
 from .runs import FILES
 
 # %% auto #0
@@ -23,10 +23,6 @@ class ImageTokenizer(nn.Module):
     kind = 'base'
 
     role = 'image_tokenizer'
-
-    def __init_subclass__(cls, **kw):
-        super().__init_subclass__(**kw)
-        register_model(cls, cls.role)   # 'module.Class' -> class, for load_model / load_tokenizer
 
     def __init__(self, **config):
         super().__init__()

@@ -17,12 +17,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from .core import (InputError, autocast, get_device, load_checkpoint, progress, read_checkpoint_meta,
                                save_checkpoint, seed_everything, world_info, require as _check)
-from .runs import FILES, Recipe
+from .runs import FILES, Recipe, RunFolder, RunOptions, RunResult
 from .schedules import Schedule
 
 # %% auto #0
 __all__ = ['TrainConfig', 'StepBatchSampler', 'update_ema', 'to_device', 'rng_state', 'set_rng_state', 'fixed_rng',
-           'NonFiniteLossError', 'read_metrics', 'plot_metrics', 'Learner', 'train_recipe']
+           'NonFiniteLossError', 'read_metrics', 'plot_metrics', 'Learner', 'train_recipe', 'Stage', 'train_run']
 
 # %% ../nbs/06_learner.ipynb #06_learner-005
 @dataclass
@@ -520,3 +520,45 @@ def train_recipe(model: nn.Module, loss_fn, recipe: Recipe, train_data, eval_dat
     learner.announce(f"train {recipe.stage} {recipe.kind} ({recipe.preset})", start)
     learner.summary = learner.fit()
     return learner
+
+# %% ../nbs/06_learner.ipynb #06_learner-r1
+@dataclass
+class Stage:
+    "What one training command brings to `train_run`; the folder, the seed, the loop and the result are shared."
+    command: str                   # the run folder's command, e.g. 'train prior'
+    recipe: Recipe                 # resolved and checked
+    same_run: list                 # what a resumed run must share (`RunFolder.prepare`)
+    build: object                  # recipe -> a fresh model
+    loss: object                   # the learner's loss `(model, batch, hp) -> (loss, metrics)`
+    evaluate: object               # (model, learner, train data, test data) -> (eval dict, extra dict)
+    data: object = None            # (recipe, run folder or None) -> (train data, test data); may write files first
+    save: object = None            # (result, open run folder) -> None: the model and what the run reports
+    inputs: dict = None            # fingerprints of what the run depends on (RunFolder inputs)
+    verify: tuple = ()             # checks of files a resumed run reuses (RunFolder.prepare)
+    eval_per_run: int = 10         # evaluations per run unless --eval-every says otherwise
+    learner_kw: object = None      # (model, recipe) -> extra Learner arguments (parameter groups, an eval function)
+
+def train_run(stage: Stage, options: RunOptions, train_data=None, test_data=None) -> RunResult:
+    """The one run skeleton: check -> open the run folder -> recipe -> data -> seed and model -> train -> evaluate ->
+    save -> close. Every `train_*` command of the course is a `Stage` run by it."""
+    o, recipe, rf = options, stage.recipe, None
+    if o.out is not None:  # every check before the first byte is written
+        rf = RunFolder(o.out, stage.command, resume=o.resume, overwrite=o.overwrite, inputs=stage.inputs or {})
+        recipe = rf.prepare(recipe, stage.same_run, o.steps, verify=list(stage.verify))
+        rf.open()
+    try:
+        if rf is not None: recipe.save(rf.file('recipe'))
+        train, test = stage.data(recipe, rf) if stage.data is not None else (train_data, test_data)
+        seed_everything(recipe.train['seed'])  # the model's initial weights follow the seed
+        model = stage.build(recipe)
+        learner = train_recipe(model, stage.loss, recipe, train, test, folder=rf, device=o.device, eval_every=o.eval_every,
+                               eval_per_run=stage.eval_per_run, resume=o.resume, callbacks=o.callbacks,
+                               **(stage.learner_kw(model, recipe) if stage.learner_kw else {}))
+        model.eval()
+        ev, extra = stage.evaluate(model, learner, train, test)
+        result = RunResult(model, recipe, learner.summary, ev, learner.records, None if rf is None else rf.path, extra=extra)
+        if rf is not None and stage.save is not None: stage.save(result, rf)
+        return result
+    finally:
+        if rf is not None: rf.close()
+

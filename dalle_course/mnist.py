@@ -9,8 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-import dalle_course
-from .core import InputError
+from .core import InputError, shipped
 
 # %% auto #0
 __all__ = ['MNIST_FILE', 'MNIST_NPZ', 'DATA_ENV', 'IDX_TYPES', 'SPLITS', 'TEST_PER_CLASS', 'IDX_TEST_OFFSET', 'IDX_FILES',
@@ -18,7 +17,7 @@ __all__ = ['MNIST_FILE', 'MNIST_NPZ', 'DATA_ENV', 'IDX_TYPES', 'SPLITS', 'TEST_P
 
 # %% ../nbs/02_mnist.ipynb #02_mnist-006
 MNIST_FILE = 'mnist_5k.npz'
-MNIST_NPZ = Path(dalle_course.__file__).resolve().parent.parent / 'data' / MNIST_FILE  # the shipped file
+MNIST_NPZ = shipped(MNIST_FILE)  # the shipped file (lesson 00: in the package, or the repository's data/)
 DATA_ENV = 'DALLE_COURSE_DATA'
 
 def shipped_mnist_path() -> Path:

@@ -12,16 +12,16 @@ from einops import rearrange
 from torch import nn
 
 from .core import InputError, autocast, progress, require as _check
-from .prior import PRIORS, Prior, TextEncoder, _check_text, _flat_image, _unpack, drop_text
-from .sampling import check_sampling_args, eval_mode, filter_logits, guide
+from .prior import Prior, TextEncoder, _check_text, _flat_image, _unpack, drop_text
+from .runs import SamplingSettings
+from .sampling import eval_mode, filter_logits, guide
 from .transformer import MultiHeadAttention
 
 # %% auto #0
-__all__ = ['PAELLA_ETA', 'LABEL_SMOOTHING', 'MASK_SCHEDULES', 'MASKGIT_CHOICE_TEMPERATURE', 'SWEEP_STEPS', 'renoise',
-           'paella_loss_weight', 'paella_loss', 'mask_schedule', 'mask_tokens', 'maskgit_loss', 'timestep_embedding',
-           'LayerNorm2d', 'UNetBlock', 'TokenUNet', 'TokenPredictorPrior', 'categorical', 'paella_timesteps',
-           'renoise_sample', 'PaellaPrior', 'mask_sample', 'MaskGITPrior', 'step_sweep', 'sweep_table', 'plot_sweep',
-           'sample_evolution']
+__all__ = ['PAELLA_ETA', 'LABEL_SMOOTHING', 'MASK_SCHEDULES', 'MASKGIT_CHOICE_TEMPERATURE', 'renoise', 'paella_loss_weight',
+           'paella_loss', 'mask_schedule', 'mask_tokens', 'maskgit_loss', 'timestep_embedding', 'LayerNorm2d',
+           'UNetBlock', 'TokenUNet', 'TokenPredictorPrior', 'categorical', 'paella_timesteps', 'renoise_sample',
+           'PaellaPrior', 'mask_sample', 'MaskGITPrior']
 
 # %% ../nbs/31_paella.ipynb #31_paella-006
 def renoise(tokens: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, generator: torch.Generator | None = None):
@@ -288,7 +288,7 @@ def _draw(prior, x, level, ctx, B: int, cfg: bool, guidance, temperature, top_k,
 
 def _start(prior, text, temperature, top_k, top_p, guidance, steps, strength):
     "Checks, then (device, B, caption rows (R, L) with the null text appended under guidance, cfg flag)."
-    check_sampling_args(temperature, top_k, top_p, guidance); _check_steps(steps, strength)
+    SamplingSettings(temperature, top_k, top_p, guidance); _check_steps(steps, strength)  # once, before the loop
     dev = next(prior.parameters()).device
     text = text.to(dev); _check_text(text, prior.text_len)
     cfg = guidance != 1.0
@@ -394,86 +394,3 @@ class MaskGITPrior(TokenPredictorPrior):
         return x, m, m.float().mean(1)
 
     def sample(self, text, **options): return mask_sample(self, text, **options)
-
-PRIORS.update(paella=PaellaPrior, maskgit=MaskGITPrior)  # `dalle-course train prior --arch paella|maskgit`
-
-# %% ../nbs/31_paella.ipynb #31_paella-046
-SWEEP_STEPS = (4, 8, 12, 16, 24)
-
-def step_sweep(runs: dict, steps=SWEEP_STEPS, n: int = 192, seed: int = 0, batch_size: int = 64, device=None,
-               clip_run=None, classifier=None, sampling: dict | None = None, show_progress: bool = True) -> dict:
-    """Score prior runs ({name: run folder}) against the number of sampling steps: `n` images, one per unseen test
-    description (drawn as `dalle-course eval` draws them), at every T in `steps` for a parallel sampler (an
-    autoregressive prior once, at its N = h*w steps), each with the run's recorded settings. Each row: the ruler's
-    four attribute types, their mean ('attributes'), binding and exact; the mean CLIP score; images/s at `batch_size`.
-    `sampling` (e.g. {'guidance': 3.0}) overrides the runs' settings for every prior alike."""
-    from dalle_course.clip import clip_scorer, load_clip_run
-    from dalle_course.evaluation import caption_following
-    from dalle_course.mdmnist import captions as mdmnist_captions, draw_attributes
-    from dalle_course.prior_training import generate, load_prior_run, run_sampling
-    from dalle_course.ruler import load_ruler
-    _check(len(runs) > 0, "no prior runs given; pass --prior RUN (once per prior to compare)")
-    _check(all(isinstance(T, int) and T >= 1 for T in steps) and len(steps) > 0, f"steps must be whole numbers >= 1, got {steps}")
-    loaded = {k: load_prior_run(r, device) for k, r in runs.items()}
-    sizes = {k: v[1].image_size for k, v in loaded.items()}
-    _check(len(set(sizes.values())) == 1, f"the priors' tokenizers make different image sizes {sizes}; compare priors of one size")
-    S = next(iter(sizes.values()))
-    dev = next(next(iter(loaded.values()))[0].parameters()).device
-    clip, clip_tok, _ = load_clip_run(clip_run, dev)
-    scorer, ruler = clip_scorer(clip, clip_tok), load_ruler(classifier, image_size=S, device=dev)
-    said, _ = draw_attributes(n, seed=seed + 7919, split='test')  # descriptions no training caption has (the test draw)
-    prompts, rows = mdmnist_captions(said), []
-    for name, (prior, tok, text_tok) in loaded.items():
-        base = {k: v for k, v in run_sampling(runs[name], **(sampling or {})).items() if v is not None}
-        parallel = 'steps' in prior.sampler_options
-        generate(prior, tok, text_tok, prompts[:1], n=2, seed=seed, **{**base, **({'steps': 2} if parallel else {})})  # warm-up
-        for T in (steps if parallel else [prior.n_img]):
-            s = {**base, 'steps': T} if parallel else base
-            t0 = time.perf_counter()
-            images = generate(prior, tok, text_tok, prompts, n=1, seed=seed, batch_size=batch_size,
-                              show_progress=show_progress, **s)  # (n, 3, S, S)
-            secs = time.perf_counter() - t0
-            f = caption_following(said, ruler.read(images))
-            rows.append(dict(name=name, arch=prior.arch, sampler=prior.sampler, steps=T,
-                             **{k: f[k] for k in ('value', 'size', 'colour', 'position', 'binding', 'exact')},
-                             attributes=sum(f[k] for k in ('value', 'size', 'colour', 'position')) / 4,
-                             clip_score=float(scorer(images, prompts).mean()), images_per_s=n / secs, seconds=secs,
-                             sampling={k: v for k, v in s.items()}))
-    return {'n': n, 'seed': seed, 'batch_size': batch_size, 'image_size': S, 'runs': {k: str(v) for k, v in runs.items()},
-            'sampling': dict(sampling or {}),
-            'rows': rows}
-
-def sweep_table(res: dict) -> str:
-    "The sweep as a markdown table, with each row's speed as a multiple of the autoregressive prior's (if one ran)."
-    ar = [r for r in res['rows'] if r['sampler'] == 'autoregressive']
-    base = ar[0]['images_per_s'] if ar else None
-    out = ['| prior | sampler | steps | value | size | colour | position | attributes (mean) | binding | exact | CLIP score | images/s |'
-           + (' × AR |' if base else ''), '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|' + ('---:|' if base else '')]
-    for r in res['rows']:
-        pct = ' | '.join(f"{100 * r[k]:.1f}%" for k in ('value', 'size', 'colour', 'position', 'attributes', 'binding', 'exact'))
-        out.append(f"| {r['name']} | {r['sampler']} | {r['steps']} | {pct} | {r['clip_score']:.3f} | {r['images_per_s']:.1f} |"
-                   + (f" {r['images_per_s'] / base:.1f} |" if base else ''))
-    return '\n'.join(out)
-
-def plot_sweep(res: dict):
-    "Attribute accuracy, CLIP score and images/s against the steps T, an autoregressive prior as a dashed line."
-    import matplotlib.pyplot as plt
-    fig, axs = plt.subplots(1, 3, figsize=(13, 3.4))
-    for name in dict.fromkeys(r['name'] for r in res['rows']):
-        rs = [r for r in res['rows'] if r['name'] == name]
-        for ax, key in zip(axs, ('attributes', 'clip_score', 'images_per_s')):
-            v = [100 * r[key] if key == 'attributes' else r[key] for r in rs]
-            if rs[0]['sampler'] == 'autoregressive': ax.axhline(v[0], ls='--', c='k', label=f"{name} ({rs[0]['steps']} steps)")
-            else: ax.plot([r['steps'] for r in rs], v, 'o-', label=f"{name} ({rs[0]['sampler']})")
-    for ax, lab in zip(axs, ('attribute accuracy (%, ruler)', 'CLIP score', 'images/s')): ax.set_xlabel('sampling steps T'); ax.set_ylabel(lab)
-    axs[2].set_yscale('log'); axs[0].legend(fontsize=8)
-    fig.suptitle(f"{res['n']} unseen descriptions, one image each, batch {res['batch_size']}"); fig.tight_layout()
-    return fig
-
-def sample_evolution(prior, tokenizer, text_tok, prompt: str, seed: int = 0, **options) -> torch.Tensor:
-    "One sample for `prompt` decoded after every step of the prior's parallel sampler: images `(T, 3, H, W)` in [0, 1]."
-    from dalle_course.prior_training import encode_prompts
-    trace = []
-    text = encode_prompts(text_tok, [prompt], prior.text_len).to(next(prior.parameters()).device)
-    prior.generate(text, trace=trace, generator=torch.Generator(device=text.device).manual_seed(seed), **options)
-    with torch.no_grad(): return tokenizer.decode(torch.cat(trace)).float().clamp(0, 1).cpu()

@@ -4,7 +4,7 @@
 
 # %% ../nbs/000_start_here.ipynb #000_start-002
 from __future__ import annotations
-import functools
+import dataclasses, functools
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,7 @@ import torch
 from .core import InputError
 from .evaluation import failure_reasons, plot_following, score_images
 from .mdmnist import parse_caption
-from .prior_training import SHIPPED_DEMO_RUN, generate, load_prior_run, run_sampling
+from .pipeline import SHIPPED_DEMO_RUN, Pipeline
 from .ruler import load_ruler
 
 # %% auto #0
@@ -22,8 +22,8 @@ __all__ = ['draw', 'plot_draw', 'prompt_widget']
 # %% ../nbs/000_start_here.ipynb #000_start-004
 @functools.lru_cache(maxsize=4)
 def _load(run: str, device: str):
-    prior, tok, text_tok = load_prior_run(run, device)
-    return prior.eval(), tok.eval(), text_tok, load_ruler(image_size=tok.image_size, device=device)
+    pipe = Pipeline.from_run(run, device)
+    return pipe, load_ruler(image_size=pipe.tokenizer.image_size, device=device)
 
 def draw(prompt: str, n: int = 8, temperature: float | None = None, top_k: int | None = None, guidance: float | None = None,
          seed: int = 0, run=None, device: str = 'cpu', show_progress: bool = False, **sampler_options) -> dict:
@@ -33,17 +33,16 @@ def draw(prompt: str, n: int = 8, temperature: float | None = None, top_k: int |
     said = parse_caption(prompt)                                        # (3, 4); a one-line error for a bad description
     if n < 1: raise InputError(f"n must be at least 1, got {n}")
     run = str(Path(run or SHIPPED_DEMO_RUN).resolve())
-    prior, tok, text_tok, ruler = _load(run, device)
-    s = run_sampling(run, temperature=temperature, top_k=top_k, guidance=guidance)   # the run's settings, ours on top
-    s['top_k'] = s.get('top_k') or None
-    opts = dict(temperature=s['temperature'], top_k=s['top_k'], top_p=s.get('top_p'), guidance=s['guidance'],
-                show_progress=show_progress, **sampler_options)
-    images = generate(prior, tok, text_tok, [prompt], n=n, seed=seed, **opts)   # (n, 3, S, S) in [0, 1]
+    pipe, ruler = _load(run, device)
+    s = pipe.settings(temperature=temperature, top_k=top_k or None, guidance=guidance)   # the run's settings, ours on top
+    if top_k == 0: s = dataclasses.replace(s, top_k=None)                                 # 0: top-k off
+    d = pipe([prompt], n=n, seed=seed, show_progress=show_progress, settings=s, **sampler_options)
+    images = d.images                                                    # (n, 3, S, S) in [0, 1]
     said = np.repeat(said[None], n, 0)                                   # (n, 3, 4)
     r = score_images(ruler, images, said)
     return {'images': images, 'said': said, 'seen': r['seen'].numpy(), 'reasons': failure_reasons(said, r['seen']),
             'scores': {k: r[k] for k in ('value', 'size', 'colour', 'position', 'binding', 'exact')}, 'prompt': prompt,
-            'sampling': {k: opts[k] for k in ('temperature', 'top_k', 'top_p', 'guidance')}}
+            'sampling': {k: getattr(s, k) for k in ('temperature', 'top_k', 'top_p', 'guidance')}}
 
 def plot_draw(result: dict, ncols: int = 8, title: str | None = None):
     "The images of `draw` with each digit framed green (all four attributes right) or red (what the ruler read instead)."
@@ -58,8 +57,8 @@ def prompt_widget(run=None, device: str = 'cpu', n: int = 8):
     import ipywidgets as W
     import matplotlib.pyplot as plt
     from IPython.display import display
-    prior = _load(str(Path(run or SHIPPED_DEMO_RUN).resolve()), device)[0]
-    s = run_sampling(Path(run or SHIPPED_DEMO_RUN))                          # start from the run's own settings
+    pipe = _load(str(Path(run or SHIPPED_DEMO_RUN).resolve()), device)[0]
+    prior, s = pipe.prior, pipe.sampling.to_dict()                          # start from the run's own settings
     text = W.Text(value='3 40 g middle 1 20 b up 8 30 w down', description='description', layout=W.Layout(width='520px'))
     sampler = W.Dropdown(options=[prior.sampler], value=prior.sampler, description='sampler')
     temperature = W.FloatSlider(value=s['temperature'], min=0.1, max=2.0, step=0.05, description='temperature')

@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import InputError, load_model, register_model, save_model
+from .core import InputError, load_model, save_model
 from .masks import CausalSpec, PadEmbedding, dalle_layer_kinds, dalle_layer_specs, image_mask
 from .transformer import ImagePositions, TextPositions, Transformer
 
 # %% auto #0
-__all__ = ['MASK_PATTERNS', 'PRIORS', 'prior_masks', 'prior_specs', 'Prior', 'AutoregressivePrior', 'JointPrior', 'drop_text',
-           'prior_loss', 'TextEncoder', 'SeparatePrior', 'save_prior', 'load_prior']
+__all__ = ['MASK_PATTERNS', 'prior_masks', 'prior_specs', 'Prior', 'AutoregressivePrior', 'JointPrior', 'drop_text', 'prior_loss',
+           'TextEncoder', 'SeparatePrior', 'save_prior', 'load_prior']
 
 # %% ../nbs/23_prior.ipynb #23_prior-009
 MASK_PATTERNS = ('causal', 'dalle')
@@ -37,10 +37,6 @@ def prior_specs(pattern: str, depth: int, text_len: int, h: int, w: int, kernel:
 class Prior(nn.Module):
     "The contract of every prior (see the table above); subclasses register for `load_model` automatically."
     role, arch, sampler, sampler_options = 'prior', 'base', 'none', ()
-
-    def __init_subclass__(cls, **kw):
-        super().__init_subclass__(**kw)
-        register_model(cls, cls.role)
 
     def _set_sizes(self, text_vocab: int, image_vocab: int, text_len: int, h: int, w: int, pad_id: int):
         self.text_vocab, self.image_vocab, self.text_len, self.h, self.w = text_vocab, image_vocab, text_len, h, w
@@ -256,8 +252,6 @@ class SeparatePrior(AutoregressivePrior):
         return self.image_head(y)
 
 # %% ../nbs/23_prior.ipynb #23_prior-031
-PRIORS = {'joint': JointPrior, 'separate': SeparatePrior}
-
 def save_prior(model: Prior, path, step: int | None = None, extra: dict | None = None):
     "Write a prior's weights and `config` to `path` (safetensors) with `save_model`."
     return save_model(model, path, extra=extra, step=step)

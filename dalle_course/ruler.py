@@ -11,12 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import dalle_course
-from .core import InputError, get_device, load_model, register_model, require as _check, save_model, seed_everything
+from .core import InputError, get_device, load_model, require as _check, save_model, seed_everything, shipped
 from .datasets import dataset_fingerprint, image_size as dataset_image_size, split_train_test
-from .learner import train_recipe
+from .learner import Stage, train_run
 from .mdmnist import CANVAS_SIZES, FIELDS, FIELD_TOKENS, N_SLOTS, digit_px, slot_box
-from .runs import Recipe, RunFolder, RunResult, resolve_train
+from .runs import Recipe, RunOptions, RunResult, resolve_train
 from .schedules import Schedule
 
 # %% auto #0
@@ -93,7 +92,6 @@ class AttributeRuler(nn.Module):
 
     def save(self, path, extra: dict | None = None) -> Path: return save_model(self, path, extra=extra)
 
-register_model(AttributeRuler, 'ruler')
 
 def field_logits(logits: torch.Tensor) -> list[torch.Tensor]:
     "Logits (..., 20) split into the four fields: value (..., 10), size (..., 3), colour (..., 4), position (..., 3)."
@@ -161,7 +159,7 @@ RULER_PRESETS: dict[str, dict] = {
                   steps=3000, batch_size=64, lr=3e-3, lr_schedule='warmup_cosine', warmup=150),
 }
 RULER_FILE = 'ruler.safetensors'
-SHIPPED_RULERS = {S: Path(dalle_course.__file__).resolve().parent.parent / 'data' / f'ruler_{S}.safetensors' for S in CANVAS_SIZES}
+SHIPPED_RULERS = {S: shipped(f'ruler_{S}.safetensors') for S in CANVAS_SIZES}
 
 def resolve_ruler_recipe(kind: str, preset: str, image_size: int, n_train: int, steps: int | None = None,
                          batch_size: int | None = None, seed: int = 0, overrides: dict | None = None) -> Recipe:
@@ -185,38 +183,29 @@ def evaluate_ruler(ruler: AttributeRuler, data, batch_size: int = 256) -> dict:
 
 SAME_RULER_RUN = [(('kind',), '--kind'), (('preset',), '--preset'), (('model', 'image_size'), 'image size')]
 
-def train_ruler(kind: str, data, preset: str = 'ruler', out=None, test=None, resume: bool = False,
-                steps: int | None = None, batch_size: int | None = None, eval_every: int | None = None,
-                device: str | None = None, seed: int = 0, overrides: dict | None = None, callbacks=(),
-                overwrite: bool = False) -> RunResult:
+def train_ruler(kind: str, data, preset: str = 'ruler', options: RunOptions | None = None, **run) -> RunResult:
     """Train an attribute ruler on MD-MNIST `data` (a folder or a Dataset of {'image', 'attributes'}) with `preset`;
-    with `out`, a run folder. Returns a `RunResult` (model = the ruler; eval = test accuracy per attribute type)."""
-    get_device(device)
-    train, test = split_train_test(data, test, 256)
+    `options` (or the same keywords: out, test, resume, steps, ...) are the run options of every training command.
+    Returns a `RunResult` (model = the ruler; eval = test accuracy per attribute type)."""
+    o = RunOptions.make(options, **run)
+    get_device(o.device)
+    train, test = split_train_test(data, o.test, 256)
     _check('attributes' in train[0], "the classifier needs attribute labels: pass an MD-MNIST folder")
-    recipe = resolve_ruler_recipe(kind, preset, dataset_image_size(train), len(train), steps, batch_size, seed, overrides)
-    rf = None
-    if out is not None:
-        rf = RunFolder(out, 'train classifier', resume=resume, overwrite=overwrite,
-                       inputs={'train_data': dataset_fingerprint(train), 'test_data': dataset_fingerprint(test)})
-        recipe = rf.prepare(recipe, SAME_RULER_RUN, steps)
-        rf.open()
-    try:
-        if rf is not None: recipe.save(rf.file('recipe'))
-        seed_everything(recipe.train['seed'])
-        model = AttributeRuler(**recipe.model)
-        learner = train_recipe(model, ruler_loss, recipe, train, test, folder=rf, device=device, eval_every=eval_every,
-                               eval_per_run=10, resume=resume, callbacks=callbacks)
-        model.eval()
-        res = evaluate_ruler(model, test)
-        result = RunResult(model, recipe, learner.summary, res, learner.records, None if rf is None else rf.path,
-                           extra={'ruler': model, 'test': res})
-        if rf is not None:
-            model.save(rf.file(RULER_FILE), extra={'recipe': recipe.to_dict(), 'test': res})
-            rf.file('eval').write_text(json.dumps({**res, 'steps': learner.step}, indent=1))
-        return result
-    finally:
-        if rf is not None: rf.close()
+    recipe = resolve_ruler_recipe(kind, preset, dataset_image_size(train), len(train), o.steps, o.batch_size, o.seed,
+                                  o.recipe_overrides())
+
+    def evaluate(model, learner, tr, te):
+        res = evaluate_ruler(model, te)
+        return res, {'ruler': model, 'test': res}
+
+    def save(result, rf):
+        result.model.save(rf.file(RULER_FILE), extra={'recipe': result.recipe.to_dict(), 'test': result.eval})
+        rf.file('eval').write_text(json.dumps({**result.eval, 'steps': result.summary['step']}, indent=1))
+
+    return train_run(Stage('train classifier', recipe, SAME_RULER_RUN, build=lambda r: AttributeRuler(**r.model),
+                           loss=ruler_loss, evaluate=evaluate, save=save,
+                           inputs={'train_data': dataset_fingerprint(train), 'test_data': dataset_fingerprint(test)}),
+                     o, train, test)
 
 def load_ruler(source=None, image_size: int | None = None, device: str | torch.device = 'cpu') -> AttributeRuler:
     "A trained ruler: from `source` (a file or a `train classifier` run folder), else the shipped one for `image_size`."

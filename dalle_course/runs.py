@@ -12,7 +12,7 @@ from .core import InputError, is_main_process, load_checkpoint, read_json, requi
 
 # %% auto #0
 __all__ = ['FILES', 'RUN_FORMAT', 'INPUT_LABELS', 'RunFolder', 'read_manifest', 'steps_per_epoch', 'resolve_train',
-           'merge_overrides', 'Recipe', 'RunResult']
+           'merge_overrides', 'Recipe', 'RunResult', 'RunOptions', 'SamplingSettings', 'check_output_file']
 
 # %% ../nbs/01_runs.ipynb #01_runs-005
 FILES = dict(
@@ -347,3 +347,104 @@ class RunResult:
         raise KeyError(k)
 
     def __contains__(self, k): return k in self.extra or k in {f.name for f in fields(self)}
+
+# %% ../nbs/01_runs.ipynb #01_runs-o1
+@dataclass
+class RunOptions:
+    "The run options every training command shares (see `learner.train_run`)."
+    out: str | Path | None = None     # the run folder (None: train in memory)
+    test: object = None               # test data: a folder or a Dataset (None: held out of the training data)
+    resume: bool = False              # continue the run in `out` from its checkpoint
+    overwrite: bool = False           # replace the run in `out` (only the files it wrote)
+    steps: int | None = None          # None: the preset's
+    batch_size: int | None = None     # None: the preset's
+    eval_every: int | None = None     # None: 10 to 20 times per run
+    grad_accum: int = 1               # micro-batches per batch
+    device: str | None = None         # None: the best available
+    seed: int = 0
+    overrides: dict | None = None     # recipe overrides, e.g. {'model': {...}, 'train': {...}}
+    plots: bool = True                # write the run's pictures
+    callbacks: tuple = ()             # learner callbacks
+
+    @classmethod
+    def make(cls, options: 'RunOptions | None' = None, **kw) -> 'RunOptions':
+        "`options` (or the defaults) with the keywords `kw` set; an unknown keyword is a TypeError, as in a call."
+        bad = sorted(set(kw) - {f.name for f in fields(cls)})
+        if bad: raise TypeError(f"unknown run option {bad[0]!r}; use {', '.join(f.name for f in fields(cls))}")
+        o = copy.copy(options) if options is not None else cls()
+        for k, v in kw.items(): setattr(o, k, v)
+        return o
+
+    def recipe_overrides(self) -> dict | None:
+        "The overrides a recipe gets: `overrides`, with `grad_accum` in its train settings when it is above 1."
+        if self.grad_accum == 1: return self.overrides
+        ov = copy.deepcopy(self.overrides or {})
+        ov.setdefault('train', {})['grad_accum'] = self.grad_accum
+        return ov
+
+
+# %% ../nbs/01_runs.ipynb #01_runs-s1
+@dataclass(frozen=True)
+class SamplingSettings:
+    "How a prior draws (lessons 24 and 31), validated when made: one-line `InputError` for a value no sampler takes."
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    guidance: float = 1.0
+    steps: int | None = None  # parallel samplers only (Paella, MaskGIT); None: the sampler's own
+
+    def __post_init__(self):
+        t, g, k, p, s = self.temperature, self.guidance, self.top_k, self.top_p, self.steps
+        if not (isinstance(t, (int, float)) and 0 < t < float('inf')):
+            raise InputError(f"temperature must be a finite number > 0, got {t}; use top_k=1 for greedy decoding")
+        if not (isinstance(g, (int, float)) and abs(g) < float('inf')):
+            raise InputError(f"guidance must be a finite number (1 = no guidance), got {g}")
+        if k is not None and not (isinstance(k, int) and k >= 1): raise InputError(f"top_k must be a whole number >= 1, got {k}")
+        if p is not None and not (isinstance(p, (int, float)) and 0 < p <= 1): raise InputError(f"top_p must be in (0, 1], got {p}")
+        if s is not None and not (isinstance(s, int) and s >= 1): raise InputError(f"steps must be a whole number >= 1, got {s!r}")
+
+    @classmethod
+    def resolve(cls, *layers) -> 'SamplingSettings':
+        "Library defaults, then each layer in turn (a dict or settings; its `None` values are not set)."
+        names, out = {f.name for f in fields(cls)}, {}
+        for layer in layers:
+            d = asdict(layer) if isinstance(layer, SamplingSettings) else dict(layer or {})
+            bad = sorted(set(d) - names)
+            if bad: raise InputError(f"unknown sampling setting {bad[0]!r}; use {', '.join(sorted(names))}")
+            out.update({k: v for k, v in d.items() if v is not None})
+        return cls(**out)
+
+    def to_dict(self) -> dict:
+        "The settings as a run records them (without `steps` when the sampler has none)."
+        return {k: v for k, v in asdict(self).items() if k != 'steps' or v is not None}
+
+    def options(self) -> dict:
+        "The keyword options a prior's `generate` takes (the set values only)."
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def __str__(self): return ', '.join(f"{k} {v}" for k, v in self.options().items())
+
+
+# %% ../nbs/01_runs.ipynb #01_runs-f1
+def check_output_file(path, option: str, suffixes, overwrite: bool = False, written_by: str | None = None,
+                      example: str | None = None) -> Path:
+    """The one check of a single-file output (`--out grid.png`, `--json r.json`), before any work; writes nothing.
+    `written_by`: a JSON file that exists is replaced only if its 'written_by' says so (never a file of the user's)."""
+    import tempfile
+    path = Path(path)
+    what = example or f"a file name ending in {' or '.join(suffixes)}"
+    require(path.suffix.lower() in suffixes, f"{option} {path} must be {what}")
+    require(not path.is_dir(), f"{option} {path} is a folder; give {what}")
+    if path.exists():
+        if written_by is not None:
+            try: mine = json.loads(path.read_text()).get('written_by') == written_by
+            except (ValueError, AttributeError, UnicodeDecodeError): mine = False
+            require(mine, f"{option} {path} exists and was not written by {written_by}; choose a new file")
+        require(overwrite, f"{option} {path} already exists; pass --overwrite to replace it, or choose another file name")
+    d = path.parent
+    while not d.exists(): d = d.parent
+    require(d.is_dir(), f"{option} {path} is under {d}, which is a file; choose a path in a folder")
+    try: tempfile.TemporaryFile(dir=d).close()
+    except OSError as e: raise InputError(f"{option} {path}: cannot write in {d} ({e.strerror}); choose a folder you can write to") from None
+    return path
+

@@ -10,23 +10,16 @@ import torch
 from torch import nn
 
 from .core import InputError, autocast, progress
+from .runs import SamplingSettings
 
 # %% auto #0
-__all__ = ['check_sampling_args', 'filter_logits', 'guide', 'eval_mode', 'sample', 'cached_logits']
+__all__ = ['filter_logits', 'guide', 'eval_mode', 'sample', 'cached_logits']
 
 # %% ../nbs/24_sampling.ipynb #24_sampling-010
-def check_sampling_args(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                        guidance: float = 1.0) -> None:
-    "Raise a one-line `InputError` for a temperature <= 0, a top_k < 1, a top_p outside (0, 1] or a non-finite guidance."
-    if not 0 < temperature < float('inf'): raise InputError(f"temperature must be a finite number > 0, got {temperature}; use top_k=1 for greedy decoding")
-    if not abs(guidance) < float('inf'): raise InputError(f"guidance must be a finite number (1 = no guidance), got {guidance}")
-    if top_k is not None and not 1 <= top_k: raise InputError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1: raise InputError(f"top_p must be in (0, 1], got {top_p}")
-
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None) -> torch.Tensor:
-    "Logits `(..., K)` -> new float logits `(..., K)`: divided by `temperature`, then top-k, then top-p (dropped = -inf)."
-    check_sampling_args(temperature, top_k, top_p)
+    """Logits `(..., K)` -> new float logits `(..., K)`: divided by `temperature`, then top-k, then top-p (dropped = -inf).
+    It runs once per token, so it checks nothing: the settings are checked once, before the loop (`SamplingSettings`)."""
     x = logits.float() / temperature  # a new tensor
     K = x.shape[-1]
     if top_k is not None:
@@ -77,7 +70,7 @@ def sample(prior: nn.Module, text: torch.Tensor, temperature: float = 1.0, top_k
     """Draw image tokens `(B, h, w)` for captions `text` (B, L) from an `AutoregressivePrior` (lesson 23).
     `guidance` != 1 runs conditional and null-text rows as one batch of 2B; `given` (B, m) or (B, r, w) fixes the
     first tokens in raster order (image completion). Inputs are never modified."""
-    check_sampling_args(temperature, top_k, top_p, guidance)
+    SamplingSettings(temperature, top_k, top_p, guidance)  # one check of the settings, before the loop (lesson 01)
     dev, B, N = _device(prior), text.shape[0], prior.n_img
     text = text.to(dev)
     g = _check_given(given, B, prior)

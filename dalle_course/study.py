@@ -15,15 +15,24 @@ from .core import InputError, get_device, model_fingerprint, require as _check
 from .evaluation import (CTRS_M, bootstrap_ci, caption_following, cics, ctrs, following_by_combination, following_ci, paired_t_p,
                                      plot_ce_distribution, sign_test_p, teacher_forced_ce)
 from .mdmnist import FIELDS, draw_attributes, captions as mdmnist_captions, generate_mdmnist, holdout_tokens, parse_holdout
-from .prior_training import encode_prompts, generate, load_prior_run, run_sampling
+from .pipeline import Pipeline
 from .ruler import load_ruler
 from .runs import Recipe, RunFolder
 
 # %% auto #0
-__all__ = ['THESIS_STUDY', 'load_study_inputs', 'evaluate_priors', 'study_table', 'plot_study', 'save_study', 'plot_rerank_study',
-           'run_eval']
+__all__ = ['UNSEEN_SEED', 'THESIS_STUDY', 'SWEEP_STEPS', 'unseen_descriptions', 'load_study_inputs', 'evaluate_priors',
+           'study_table', 'plot_study', 'save_study', 'plot_rerank_study', 'step_sweep', 'sweep_table', 'plot_sweep',
+           'sample_evolution']
 
 # %% ../nbs/29_study.ipynb #af0d0f7b
+UNSEEN_SEED = 7919  # the offset of the unseen-description draw from a study's seed (every judge draws the same prompts)
+
+def unseen_descriptions(n: int, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """The one draw of `n` test descriptions no training caption has (the MD-MNIST test split), for seed `seed`:
+    attributes `(n, 3, 4)` and their captions. `eval`, the step sweep and every study draw their prompts here."""
+    said, _ = draw_attributes(n, seed=seed + UNSEEN_SEED, split='test')
+    return torch.as_tensor(said), mdmnist_captions(said)
+
 def _check_inputs(priors: dict, clip_fp: str | None, clip_run) -> int:
     "The one image size of the priors, after checking that the CLIP judges their tokenizer and they read MD-MNIST."
     sizes = {name: p['tokenizer'].image_size for name, p in priors.items()}
@@ -33,7 +42,7 @@ def _check_inputs(priors: dict, clip_fp: str | None, clip_run) -> int:
         _check(clip_fp in (None, fp), f"the CLIP at {clip_run} was trained on another image tokenizer's reconstructions "
                f"(fingerprint {clip_fp}) than the prior {name} (its tokenizer {fp}); train one on it: `dalle-course "
                f"train clip --tokenizer {p['run']}/tokenizer.safetensors ...`")
-        try: encode_prompts(p['text_tok'], ['7 30 r up 2 20 w down 9 40 g middle'], p['prior'].text_len)
+        try: p['pipe'].encode(['7 30 r up 2 20 w down 9 40 g middle'])
         except InputError: raise InputError(f"the prior {name} ({p['run']}) does not read MD-MNIST descriptions; "
                                             f"`eval` measures priors trained on MD-MNIST") from None
     return next(iter(sizes.values()))
@@ -50,8 +59,8 @@ def load_study_inputs(runs: dict, clip_run=None, classifier=None, device=None) -
     dev = get_device(device)
     priors = {}
     for name, run in runs.items():
-        prior, tok, text_tok = load_prior_run(run, dev)
-        priors[name] = dict(run=Path(run), prior=prior, tokenizer=tok, text_tok=text_tok)
+        pipe = Pipeline.from_run(run, dev)
+        priors[name] = dict(run=Path(run), pipe=pipe, prior=pipe.prior, tokenizer=pipe.tokenizer)
     clip, clip_tok, clip_fp = load_clip_run(clip_run, dev)
     S = _check_inputs(priors, clip_fp, clip_run)
     ruler = load_ruler(classifier, image_size=S, device=dev)
@@ -70,19 +79,14 @@ def evaluate_priors(runs: dict, clip_run=None, classifier=None, n: int = 1000, s
     inputs = inputs or load_study_inputs(runs, clip_run, classifier, device)
     priors, ruler, S, dev = inputs['priors'], inputs['ruler'], inputs['image_size'], inputs['device']
     scorer = clip_scorer(inputs['clip'], inputs['clip_tok'])
-    said, _ = draw_attributes(n, seed=seed + 7919, split='test')             # unseen descriptions (test-split draw)
-    prompts = mdmnist_captions(said)
-    said = torch.as_tensor(said)
+    said, prompts = unseen_descriptions(n, seed)                            # (n, 3, 4) and their n captions
     real = generate_mdmnist(n, seed=seed + 104729, size=S, split='test')     # real test images for the CE
     holdout = parse_holdout(holdout) if isinstance(holdout, str) else tuple(tuple(p) for p in holdout)
     out, raw = {'n': n, 'seed': seed, 'image_size': S, 'holdout': holdout_tokens(holdout), 'clip_run': inputs['clip_run'],
                 'classifier': inputs['classifier'], 'models': {}}, {}
     for name, p in priors.items():
-        settings = {k: v for k, v in run_sampling(p['run']).items() if v is not None}
-        t0 = time.perf_counter()
-        images = generate(p['prior'], p['tokenizer'], p['text_tok'], prompts, n=1, seed=seed, batch_size=batch_size,
-                          show_progress=show_progress, **settings)            # (n, 3, S, S)
-        secs = time.perf_counter() - t0
+        drawn = p['pipe'](prompts, n=1, seed=seed, batch_size=batch_size, show_progress=show_progress)  # the run's settings
+        images, secs, settings = drawn.images, drawn.seconds, drawn.settings.options()  # (n, 3, S, S)
         seen = ruler.read(images)
         fol = caption_following(said, seen)
         cs = scorer(images, prompts)                                          # (n,) CLIP score of each image
@@ -91,7 +95,7 @@ def evaluate_priors(runs: dict, clip_run=None, classifier=None, n: int = 1000, s
             x = torch.from_numpy(real['images']).permute(0, 3, 1, 2).float().div(255).to(dev)
             z = torch.cat([p['tokenizer'].encode(x[i:i + batch_size]).reshape(len(x[i:i + batch_size]), -1).cpu()
                            for i in range(0, len(x), batch_size)])
-        text = encode_prompts(p['text_tok'], list(real['captions']), p['prior'].text_len)
+        text = p['pipe'].encode(list(real['captions']))
         ce = teacher_forced_ce(p['prior'], torch.utils.data.TensorDataset(text, z.long()), batch_size=batch_size)
         recipe = Recipe.load(p['run'] / 'recipe.json') if (p['run'] / 'recipe.json').is_file() else None
         m = {'run': str(p['run']), 'arch': p['prior'].arch, 'params': sum(q.numel() for q in p['prior'].parameters()),
@@ -105,8 +109,8 @@ def evaluate_priors(runs: dict, clip_run=None, classifier=None, n: int = 1000, s
              'sampling_seconds': secs, 'images_per_s': n / secs}
         if holdout: m['combinations'] = following_by_combination(said, seen, holdout)
         if rerank_ns:
-            curve = rerank_curve(p['prior'], p['tokenizer'], p['text_tok'], scorer, ruler, prompts[:rerank_prompts],
-                                 ns=rerank_ns, seed=seed, batch_size=batch_size, **settings)
+            curve = rerank_curve(p['pipe'], scorer, ruler, prompts[:rerank_prompts], ns=rerank_ns, seed=seed,
+                                 batch_size=batch_size)
             m['rerank'] = {'n_prompts': curve['n_prompts'], 'rows': {str(k): v for k, v in curve['rows'].items()}}
         out['models'][name] = m
         raw[name] = dict(images=images, seen=seen, clip=cs, ce=ce, ctrs_scores=ct['scores'])
@@ -233,22 +237,72 @@ def plot_rerank_study(res: dict):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/29_study.ipynb #828b910b
-def run_eval(args) -> int:
-    "`dalle-course eval`: every metric of the study for --prior (and --compare), written to --out."
-    runs = {Path(args.prior).name or 'prior': args.prior}
-    if args.compare is not None:
-        name = Path(args.compare).name or 'compare'
-        runs[name if name not in runs else name + ' (2)'] = args.compare
-    for r in runs.values():
-        _check(Path(r).is_dir(), f"{r} is not a folder; pass the --out folder of a `dalle-course train prior` run")
-    holdout = parse_holdout(args.holdout)
-    inputs = load_study_inputs(runs, args.clip, args.classifier, args.device)   # every check before a byte is written
-    rf = RunFolder(args.out, 'eval', overwrite=args.overwrite, resumable=False)
-    rf.check()
-    with rf:
-        res = evaluate_priors(runs, n=args.n, seed=args.seed, rerank_ns=args.rerank or (), show_progress=True,
-                              inputs=inputs, holdout=holdout)
-        save_study(res, rf)
-    print(study_table(res)); print(f"eval.json, eval.md and plots in {args.out}")
-    return 0
+# %% ../nbs/29_study.ipynb #29_study-w1
+SWEEP_STEPS = (4, 8, 12, 16, 24)
+
+def step_sweep(runs: dict, steps=SWEEP_STEPS, n: int = 192, seed: int = 0, batch_size: int = 64, device=None,
+               clip_run=None, classifier=None, sampling: dict | None = None, show_progress: bool = True) -> dict:
+    """Score prior runs ({name: run folder}) against the number of sampling steps (lesson 31): `n` images, one per
+    unseen test description (`unseen_descriptions`, as `eval` draws them), at every T in `steps` for a parallel
+    sampler (an autoregressive prior once, at its N = h*w steps), each with the run's recorded settings. Each row: the
+    ruler's four attribute types, their mean ('attributes'), binding and exact; the mean CLIP score; images/s at
+    `batch_size`. `sampling` (e.g. {'guidance': 3.0}) overrides the runs' settings for every prior alike."""
+    _check(len(runs) > 0, "no prior runs given; pass --prior RUN (once per prior to compare)")
+    _check(all(isinstance(T, int) and T >= 1 for T in steps) and len(steps) > 0, f"steps must be whole numbers >= 1, got {steps}")
+    pipes = {k: Pipeline.from_run(r, device) for k, r in runs.items()}
+    sizes = {k: p.tokenizer.image_size for k, p in pipes.items()}
+    _check(len(set(sizes.values())) == 1, f"the priors' tokenizers make different image sizes {sizes}; compare priors of one size")
+    S, dev = next(iter(sizes.values())), next(iter(pipes.values())).device
+    clip, clip_tok, _ = load_clip_run(clip_run, dev)
+    scorer, ruler = clip_scorer(clip, clip_tok), load_ruler(classifier, image_size=S, device=dev)
+    base = {k: p.settings(**(sampling or {})).options() for k, p in pipes.items()}  # every setting checked before drawing
+    said, prompts = unseen_descriptions(n, seed)
+    rows = []
+    for name, pipe in pipes.items():
+        parallel = 'steps' in pipe.prior.sampler_options
+        pipe(prompts[:1], n=2, seed=seed, **{**base[name], **({'steps': 2} if parallel else {})})  # warm-up
+        for T in (steps if parallel else [pipe.prior.n_img]):
+            s = {**base[name], 'steps': T} if parallel else base[name]
+            d = pipe(prompts, n=1, seed=seed, batch_size=batch_size, show_progress=show_progress, **s)  # (n, 3, S, S)
+            f = caption_following(said, ruler.read(d.images))
+            rows.append(dict(name=name, arch=pipe.prior.arch, sampler=pipe.prior.sampler, steps=T,
+                             **{k: f[k] for k in ('value', 'size', 'colour', 'position', 'binding', 'exact')},
+                             attributes=sum(f[k] for k in ('value', 'size', 'colour', 'position')) / 4,
+                             clip_score=float(scorer(d.images, prompts).mean()), images_per_s=n / d.seconds,
+                             seconds=d.seconds, sampling=dict(s)))
+    return {'n': n, 'seed': seed, 'batch_size': batch_size, 'image_size': S, 'runs': {k: str(v) for k, v in runs.items()},
+            'sampling': dict(sampling or {}), 'rows': rows}
+
+def sweep_table(res: dict) -> str:
+    "The sweep as a markdown table, with each row's speed as a multiple of the autoregressive prior's (if one ran)."
+    ar = [r for r in res['rows'] if r['sampler'] == 'autoregressive']
+    base = ar[0]['images_per_s'] if ar else None
+    out = ['| prior | sampler | steps | value | size | colour | position | attributes (mean) | binding | exact | CLIP score | images/s |'
+           + (' × AR |' if base else ''), '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|' + ('---:|' if base else '')]
+    for r in res['rows']:
+        pct = ' | '.join(f"{100 * r[k]:.1f}%" for k in ('value', 'size', 'colour', 'position', 'attributes', 'binding', 'exact'))
+        out.append(f"| {r['name']} | {r['sampler']} | {r['steps']} | {pct} | {r['clip_score']:.3f} | {r['images_per_s']:.1f} |"
+                   + (f" {r['images_per_s'] / base:.1f} |" if base else ''))
+    return '\n'.join(out)
+
+def plot_sweep(res: dict):
+    "Attribute accuracy, CLIP score and images/s against the steps T, an autoregressive prior as a dashed line."
+    import matplotlib.pyplot as plt
+    fig, axs = plt.subplots(1, 3, figsize=(13, 3.4))
+    for name in dict.fromkeys(r['name'] for r in res['rows']):
+        rs = [r for r in res['rows'] if r['name'] == name]
+        for ax, key in zip(axs, ('attributes', 'clip_score', 'images_per_s')):
+            v = [100 * r[key] if key == 'attributes' else r[key] for r in rs]
+            if rs[0]['sampler'] == 'autoregressive': ax.axhline(v[0], ls='--', c='k', label=f"{name} ({rs[0]['steps']} steps)")
+            else: ax.plot([r['steps'] for r in rs], v, 'o-', label=f"{name} ({rs[0]['sampler']})")
+    for ax, lab in zip(axs, ('attribute accuracy (%, ruler)', 'CLIP score', 'images/s')): ax.set_xlabel('sampling steps T'); ax.set_ylabel(lab)
+    axs[2].set_yscale('log'); axs[0].legend(fontsize=8)
+    fig.suptitle(f"{res['n']} unseen descriptions, one image each, batch {res['batch_size']}"); fig.tight_layout()
+    return fig
+
+def sample_evolution(pipe: Pipeline, prompt: str, seed: int = 0, **options) -> torch.Tensor:
+    "One sample for `prompt` decoded after every step of a parallel sampler (its `trace`): images `(T, 3, H, W)` in [0, 1]."
+    trace = []
+    pipe([prompt], n=1, seed=seed, trace=trace, **options)
+    with torch.no_grad(): return pipe.tokenizer.decode(torch.cat(trace).to(pipe.device)).float().clamp(0, 1).cpu()
+

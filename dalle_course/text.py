@@ -4,22 +4,21 @@
 
 # %% ../nbs/20_text.ipynb #20_text-003
 from __future__ import annotations
-import re
+import math, re
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from .core import InputError, load_model, register_model, save_model
+from .core import MODELS, InputError, load_model, model_class, require as _check, save_model
 from .runs import FILES
 
 # %% auto #0
-__all__ = ['TEXT_FORMAT', 'TEXT_TOKENIZER_FILE', 'PAD', 'UNK', 'EOW', 'TextTokenizer', 'text_tokenizer_from_dict',
+__all__ = ['TEXT_FORMAT', 'TEXT_TOKENIZER_FILE', 'PAD', 'UNK', 'EOW', 'TEXT_KINDS', 'TextTokenizer', 'text_tokenizer_from_dict',
            'load_text_tokenizer', 'AttributeTokenizer', 'words', 'WordTokenizer', 'pair_counts', 'merge_pair',
-           'BPETokenizer']
+           'BPETokenizer', 'length_at_percentile', 'fit_text_tokenizer']
 
 # %% ../nbs/20_text.ipynb #20_text-006
-_TEXT_KINDS: dict[str, type] = {}
 TEXT_FORMAT = 'dalle_course/text-tokenizer/1'
 TEXT_TOKENIZER_FILE = FILES['text_tokenizer']  # the one table of file names (lesson 01)
 PAD, UNK = '<pad>', '<unk>'
@@ -30,11 +29,6 @@ class TextTokenizer:
     pad_id = 0
 
     role = 'text_tokenizer'
-
-    def __init_subclass__(cls, **kw):
-        super().__init_subclass__(**kw)
-        _TEXT_KINDS[cls.kind] = cls   # kind -> class, for text_tokenizer_from_dict
-        register_model(cls, cls.role)  # the one model registry: save_model / load_model
 
     def __init__(self, vocab):
         self.vocab = list(vocab)
@@ -106,9 +100,10 @@ class TextTokenizer:
 
 def text_tokenizer_from_dict(d: dict) -> TextTokenizer:
     "Rebuild any text tokenizer from its `to_dict()`."
-    if not isinstance(d, dict) or d.get('format') != TEXT_FORMAT or d.get('kind') not in _TEXT_KINDS:
-        raise InputError(f"this is not a dalle_course text tokenizer (format {TEXT_FORMAT!r}, kind one of {sorted(_TEXT_KINDS)}); pass a file written by TextTokenizer.save")
-    return _TEXT_KINDS[d['kind']]._from_dict(d)
+    kinds = MODELS['text_tokenizer']  # the one registry (lesson 00)
+    if not isinstance(d, dict) or d.get('format') != TEXT_FORMAT or d.get('kind') not in kinds:
+        raise InputError(f"this is not a dalle_course text tokenizer (format {TEXT_FORMAT!r}, kind one of {sorted(kinds)}); pass a file written by TextTokenizer.save")
+    return model_class('text_tokenizer', d['kind'])._from_dict(d)
 
 def load_text_tokenizer(path) -> TextTokenizer:
     "Rebuild any text tokenizer saved with `save` (a .json file, or a folder holding text_tokenizer.json)."
@@ -291,3 +286,41 @@ class BPETokenizer(TextTokenizer):
 
     @classmethod
     def _from_dict(cls, d: dict): return cls(d['vocab'], d['merges'], d.get('lowercase', True))
+
+# %% ../nbs/20_text.ipynb #20_text-f1
+TEXT_KINDS = tuple(MODELS['text_tokenizer'])  # ('attributes', 'words', 'bpe'): the registry's text tokenizers
+
+def length_at_percentile(lengths, p: float) -> int:
+    "The smallest L such that at least p% of the `lengths` are <= L (p in (0, 100])."
+    _check(0 < p <= 100, f"the percentile must be in (0, 100], got {p}")
+    x = sorted(int(v) for v in lengths)
+    _check(len(x) > 0, "no lengths given")
+    return x[max(0, math.ceil(p / 100 * len(x)) - 1)]
+
+def fit_text_tokenizer(spec: dict, captions: list[list[str]]) -> tuple[TextTokenizer, dict]:
+    """(tokenizer, full spec with its `length`) for `spec` = {'kind': 'attributes' | 'words' | 'bpe', options} fitted
+    on the training `captions` (a caption list per image). BPE options: `vocab_size` (1000) and `dropout` (0.1, as
+    DALL·E trains: each time a caption is read, every merge is skipped with that probability). `percentile` p: the
+    length is the smallest that p% of the training captions fit in (longer ones are cut), else the longest caption."""
+    kind = spec.get('kind')
+    _check(kind in TEXT_KINDS, f"unknown text tokenizer {kind!r}; use one of {', '.join(TEXT_KINDS)}")
+    flat = [c for caps in captions for c in caps]
+    _check(len(flat) > 0, "the training data has no captions; pass a dataset whose items have captions")
+    if kind == 'attributes':
+        tok = AttributeTokenizer()
+        for i, c in enumerate(flat):
+            try: tok.encode(c)
+            except InputError as e: raise InputError(f"caption {i + 1} ({c!r}) is not an MD-MNIST description ({e}); "
+                                                     f"pass --text words (or bpe) for free text") from None
+        return tok, {**spec, 'length': tok.length}
+    if kind == 'bpe': spec = {'vocab_size': 1000, 'dropout': 0.1, **spec}  # the defaults, recorded in the recipe
+    tok = WordTokenizer.fit(flat) if kind == 'words' else BPETokenizer.train(flat, spec['vocab_size'])
+    if spec.get('percentile') is not None:  # free text (lesson 33): the length that p% of the training captions fit in
+        g, p = torch.Generator().manual_seed(0), spec.get('dropout', 0)  # with BPE-dropout: lengths as training reads them
+        lens = [len(tok.encode(c, dropout=p, generator=g) if p > 0 else tok.encode(c)) for c in flat]
+        return tok, {**spec, 'length': max(1, length_at_percentile(lens, spec['percentile']))}
+    L = max(1, max(len(tok.encode(c)) for c in flat))
+    if spec.get('dropout', 0) > 0:  # BPE-dropout may skip every merge: room for the unmerged characters + </w> of each word
+        L = max(L, max(sum(len(w) + 1 for w in tok.pre_tokenize(c)) for c in flat))
+    return tok, {**spec, 'length': L}
+

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from .core import get_device, image_grid, require as _check, seed_everything
+from .core import get_device, image_grid, require as _check
 from .datasets import dataset_fingerprint, image_size as dataset_image_size, split_train_test
-from .learner import read_metrics, train_recipe
+from .learner import Stage, read_metrics, train_run
 from .image_tokenizer import ImageTokenizer, evaluate_tokenizer
-from .runs import Recipe, RunFolder, RunResult, resolve_train
+from .runs import Recipe, RunFolder, RunOptions, RunResult, resolve_train
 from .schedules import Schedule
 from .dvae import DVAE, THESIS_TABLE5, THESIS_TABLE6_DVAE, THESIS_TABLE7_DVAE, dvae_hparams, dvae_loss, tokenizer_eval_fn
 from .vqvae import FSQ_LEVELS, THESIS_TABLE5_VQVAE, VQVAE, fsq_vocab_size, vqvae_loss, vqvae_param_groups
@@ -166,46 +166,40 @@ def tokenizer_hparams(recipe: Recipe) -> dict:
 # %% ../nbs/14_tokenizer_training.ipynb #14_tokenizer_training-012
 SAME_TOKENIZER_RUN = [(('kind',), '--kind'), (('preset',), '--preset'), (('model', 'image_size'), 'image size')]
 
-def train_tokenizer(kind: str, data, preset: str = 'tiny', out=None, test=None, resume: bool = False,
-                    steps: int | None = None, batch_size: int | None = None, eval_every: int | None = None,
-                    eval_images: int = 256, device: str | None = None, seed: int = 0, overrides: dict | None = None,
-                    plots: bool = True, callbacks=(), overwrite: bool = False, ruler='auto') -> RunResult:
+def train_tokenizer(kind: str, data, preset: str = 'tiny', options: RunOptions | None = None, eval_images: int = 256,
+                    ruler='auto', **run) -> RunResult:
     """Train a `kind` tokenizer on `data` (a dataset folder or a Dataset of {'image'} dicts) with `preset`.
     `ruler` (default: the shipped attribute ruler for MD-MNIST data; None for none) scores the test reconstructions.
-    With `out`, writes the run folder described above (`resume` continues it, `overwrite` replaces it).
-    Returns a `RunResult` (model = the tokenizer; extra: 'tokenizer', 'test', 'counts', 'test_data')."""
-    get_device(device)  # a bad --device fails here, before anything is read or written
-    train, test = split_train_test(data, test, eval_images, stage='tokenizer', size=PRESETS.get(preset, {}).get('image_size'))
-    recipe = resolve_recipe(kind, preset, dataset_image_size(train), len(train), steps, batch_size, seed, overrides)
+    `options` (or the same keywords: out, test, resume, steps, ...) are the run options of every training command;
+    with `out`, writes the run folder described above. Returns a `RunResult` (model = the tokenizer; extra:
+    'tokenizer', 'test', 'counts', 'test_data')."""
+    o = RunOptions.make(options, **run)
+    get_device(o.device)  # a bad --device fails here, before anything is read or written
+    train, test = split_train_test(data, o.test, eval_images, stage='tokenizer', size=PRESETS.get(preset, {}).get('image_size'))
+    recipe = resolve_recipe(kind, preset, dataset_image_size(train), len(train), o.steps, o.batch_size, o.seed,
+                            o.recipe_overrides())
     ruler = default_ruler(test) if isinstance(ruler, str) and ruler == 'auto' else ruler
-    rf = None
-    if out is not None:  # every check before the first byte is written
-        rf = RunFolder(out, 'train tokenizer', resume=resume, overwrite=overwrite,
-                       inputs={'train_data': dataset_fingerprint(train), 'test_data': dataset_fingerprint(test)})
-        recipe = rf.prepare(recipe, SAME_TOKENIZER_RUN, steps)
-        rf.open()
-    try:
-        if rf is not None: recipe.save(rf.file('recipe'))
-        seed_everything(recipe.train['seed'])  # the model's initial weights follow the seed
-        model = build_tokenizer(recipe)
-        groups = vqvae_param_groups(model, recipe['codebook_lr_mult']) if TOKENIZER_KINDS[kind].family == 'vqvae' else None
-        learner = train_recipe(model, tokenizer_loss(kind), recipe, train, test, folder=rf, device=device,
-                               eval_every=eval_every, eval_per_run=20, resume=resume, callbacks=callbacks,
-                               param_groups=groups, eval_fn=tokenizer_eval_fn(eval_images))
-        model.eval()
-        res = evaluate_tokenizer(model, test, max_images=None, device=learner.device)
+
+    def evaluate(model, learner, tr, te):
+        res = evaluate_tokenizer(model, te, max_images=None, device=learner.device)
         counts = res.pop('counts')
-        if ruler is not None: res['ruler'] = ruler_scores(model, test, ruler)
-        summary = learner.summary
-        result = RunResult(model, recipe, summary, res, learner.records, None if rf is None else rf.path,
-                           extra={'tokenizer': model, 'test': res, 'counts': counts, 'test_data': test})
-        if rf is not None:
-            model.save(rf.file('tokenizer'), extra={'recipe': recipe.to_dict()})
-            rf.file('eval').write_text(json.dumps({**res, 'steps': learner.step, 'images_per_s': summary['samples_per_s']}, indent=1))
-            if plots: _save_plots(result, test, rf)
-        return result
-    finally:
-        if rf is not None: rf.close()
+        if ruler is not None: res['ruler'] = ruler_scores(model, te, ruler)
+        return res, {'tokenizer': model, 'test': res, 'counts': counts, 'test_data': te}
+
+    def save(result, rf):
+        result.model.save(rf.file('tokenizer'), extra={'recipe': result.recipe.to_dict()})
+        rf.file('eval').write_text(json.dumps({**result.eval, 'steps': result.summary['step'],
+                                               'images_per_s': result.summary['samples_per_s']}, indent=1))
+        if o.plots: _save_plots(result, test, rf)
+
+    vq = TOKENIZER_KINDS[kind].family == 'vqvae'
+    return train_run(Stage('train tokenizer', recipe, SAME_TOKENIZER_RUN, build=build_tokenizer, loss=tokenizer_loss(kind),
+                           evaluate=evaluate, save=save, eval_per_run=20,
+                           inputs={'train_data': dataset_fingerprint(train), 'test_data': dataset_fingerprint(test)},
+                           learner_kw=lambda m, r: dict(param_groups=vqvae_param_groups(m, r['codebook_lr_mult']) if vq else None,
+                                                        eval_fn=tokenizer_eval_fn(eval_images))),
+                     o, train, test)
+
 
 # %% ../nbs/14_tokenizer_training.ipynb #14_tokenizer_training-014
 def plot_usage_curves(runs: dict, title: str | None = 'codebook usage during training'):

@@ -13,16 +13,17 @@ def root():
     return ROOT
 
 
-import dalle_course.paella  # noqa: E402,F401  (registers lesson 31's priors before the registry is saved)
-from dalle_course import prior as _prior  # noqa: E402
+from dalle_course.core import MODELS as _MODELS  # noqa: E402
 
-_LIBRARY_PRIORS = dict(_prior.PRIORS)
+_LIBRARY_MODELS = {role: dict(kinds) for role, kinds in _MODELS.items()}
 
 
 @pytest.fixture(autouse=True)
-def _library_priors():
-    """Notebooks that tests run in-process register their own copies of the library's classes (lesson 31's
-    `PRIORS.update(...)` puts `__main__.PaellaPrior` in the library's registry); each test starts from the library's."""
-    _prior.PRIORS.clear(); _prior.PRIORS.update(_LIBRARY_PRIORS)
+def _library_models():
+    """Notebooks that tests run in-process may register classes of their own (`register_model`, lesson 00); each
+    test starts from the library's registry."""
+    def restore():
+        _MODELS.clear(); _MODELS.update({role: dict(kinds) for role, kinds in _LIBRARY_MODELS.items()})
+    restore()
     yield
-    _prior.PRIORS.clear(); _prior.PRIORS.update(_LIBRARY_PRIORS)
+    restore()

@@ -325,7 +325,7 @@ def test_eval_compares_two_priors_and_writes_its_folder(prior_run, clip_run, tmp
 
 
 def test_eval_refuses_what_it_cannot_judge(prior_run, clip_run, data, tmp_path):
-    from dalle_course.prior_training import SHIPPED_DEMO_RUN
+    from dalle_course.pipeline import SHIPPED_DEMO_RUN
     # the shipped CLIP judges the demo tokenizer's images, not the patch tokenizer's
     one_line_error(cli('eval', '--prior', prior_run, '--n', 4, '--out', tmp_path / 'a'), 'another image tokenizer', 'train clip')
     one_line_error(cli('eval', '--prior', SHIPPED_DEMO_RUN, '--clip', clip_run, '--n', 4, '--out', tmp_path / 'b'),
@@ -353,7 +353,7 @@ def test_eval_refuses_a_prior_for_another_dataset(data, clip_run, tmp_path):
 
 # ---- the shipped CLIP: trained on the demo tokenizer's reconstructions, and it must see binding
 def test_shipped_clip_sees_binding_on_unseen_reconstructions():
-    from dalle_course.prior_training import SHIPPED_DEMO_RUN
+    from dalle_course.pipeline import SHIPPED_DEMO_RUN
     from dalle_course.image_tokenizer import load_tokenizer
     clip, tt, fp = load_clip_run()
     tok = load_tokenizer(SHIPPED_DEMO_RUN / 'tokenizer.safetensors')

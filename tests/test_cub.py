@@ -103,7 +103,8 @@ def test_split_train_test_uses_the_official_split_and_the_stage(root):
 
 
 def test_the_prior_draws_one_of_the_ten_captions_each_read(root):
-    from dalle_course.prior_training import CaptionTokens, fit_text_tokenizer
+    from dalle_course.prior_training import CaptionTokens
+    from dalle_course.text import fit_text_tokenizer
     ds = open_dataset(root)
     tok, spec = fit_text_tokenizer(text_spec(ds), all_captions(ds))
     caps = all_captions(ds)
@@ -172,7 +173,7 @@ def test_training_reads_vary_and_test_reads_do_not(root):
 
 
 def test_text_length_from_the_99th_percentile():
-    from dalle_course.prior_training import fit_text_tokenizer, length_at_percentile
+    from dalle_course.text import fit_text_tokenizer, length_at_percentile
     caps = [[' '.join(['w'] * k)] for k in [3] * 150 + [4] * 48 + [20, 30]]  # 200 captions: 99% have <= 4 words
     tok, spec = fit_text_tokenizer({'kind': 'words', 'percentile': 99}, caps)
     assert spec['length'] == 4

@@ -7,7 +7,8 @@ import torch
 from dalle_course.core import InputError, seed_everything
 from dalle_course.paella import (MaskGITPrior, PaellaPrior, categorical, mask_sample, mask_schedule, mask_tokens,
                                  maskgit_loss, paella_loss, paella_loss_weight, paella_timesteps, renoise)
-from dalle_course.prior import PRIORS, load_prior, save_prior
+from dalle_course.core import model_class
+from dalle_course.prior import load_prior, save_prior
 
 KW = dict(text_vocab=21, image_vocab=16, text_len=6, h=8, w=8, dim=16, channels=(8, 16, 16), n_heads=2, enc_depth=1)
 
@@ -22,7 +23,7 @@ def _text(B=3):
 
 
 def test_registered_for_the_cli():
-    assert PRIORS['paella'] is PaellaPrior and PRIORS['maskgit'] is MaskGITPrior
+    assert model_class('prior', 'paella') is PaellaPrior and model_class('prior', 'maskgit') is MaskGITPrior
 
 
 def test_renoise_fraction_and_source():
@@ -267,7 +268,7 @@ def test_save_load_round_trip_and_denoising_ce(cls, tmp_path):
 
 def test_cli_steps_refused_for_an_autoregressive_prior(tmp_path, capsys):
     from dalle_course.cli import main
-    from dalle_course.prior_training import SHIPPED_DEMO_RUN
+    from dalle_course.pipeline import SHIPPED_DEMO_RUN
     out = tmp_path / 'g.png'
     rc = main(['sample', '--prior', str(SHIPPED_DEMO_RUN), '--prompt', '7 30 r up 2 20 w down 9 40 g middle', '--n', '1',
                '--steps', '4', '--out', str(out)])
@@ -277,7 +278,7 @@ def test_cli_steps_refused_for_an_autoregressive_prior(tmp_path, capsys):
 
 def test_cli_samples_a_shipped_paella_prior_with_steps(tmp_path, capsys):
     from dalle_course.cli import main
-    from dalle_course.prior_training import SHIPPED_DEMO_RUN
+    from dalle_course.pipeline import SHIPPED_DEMO_RUN
     out = tmp_path / 'g.png'
     rc = main(['sample', '--prior', str(SHIPPED_DEMO_RUN.parent / 'paella_64'), '--prompt', '7 30 r up 2 20 w down 9 40 g middle',
                '--n', '2', '--steps', '3', '--out', str(out)])
@@ -286,7 +287,7 @@ def test_cli_samples_a_shipped_paella_prior_with_steps(tmp_path, capsys):
 
 def test_bench_samplers_tiny(tmp_path):
     from dalle_course.cli import main
-    from dalle_course.prior_training import SHIPPED_DEMO_RUN
+    from dalle_course.pipeline import SHIPPED_DEMO_RUN
     import json
     rc = main(['bench', 'samplers', '--prior', str(SHIPPED_DEMO_RUN.parent / 'maskgit_64'), '--steps', '2,3', '--n', '4',
                '--out', str(tmp_path / 'sw')])
@@ -301,7 +302,7 @@ def test_bench_samplers_tiny(tmp_path):
                                          (['--temperature', '0'], 'temperature must be a finite number > 0')])
 def test_bench_samplers_refuses_bad_input_before_writing(tmp_path, capsys, extra, match):
     from dalle_course.cli import main
-    from dalle_course.prior_training import SHIPPED_DEMO_RUN
+    from dalle_course.pipeline import SHIPPED_DEMO_RUN
     mg = str(SHIPPED_DEMO_RUN.parent / 'maskgit_64')
     extra = [e.format(mg=mg, tmp=tmp_path) for e in extra]
     rc = main(['bench', 'samplers', '--prior', mg, '--steps', '2', '--n', '2', '--out', str(tmp_path / 'sw'), *extra])
@@ -310,10 +311,10 @@ def test_bench_samplers_refuses_bad_input_before_writing(tmp_path, capsys, extra
 
 
 def test_bench_samplers_checks_out_before_sampling(tmp_path, capsys, monkeypatch):
-    import dalle_course.paella as pa
+    import dalle_course.study as st
     from dalle_course.cli import main
-    from dalle_course.prior_training import SHIPPED_DEMO_RUN
+    from dalle_course.pipeline import SHIPPED_DEMO_RUN
     (tmp_path / 'sw').mkdir(); (tmp_path / 'sw' / 'mine.txt').write_text('keep')
-    monkeypatch.setattr(pa, 'step_sweep', lambda *a, **k: pytest.fail('sampled before --out was checked'))
+    monkeypatch.setattr(st, 'step_sweep', lambda *a, **k: pytest.fail('sampled before --out was checked'))
     rc = main(['bench', 'samplers', '--prior', str(SHIPPED_DEMO_RUN.parent / 'maskgit_64'), '--out', str(tmp_path / 'sw')])
     assert rc == 2 and 'did not write' in capsys.readouterr().err and (tmp_path / 'sw' / 'mine.txt').read_text() == 'keep'

@@ -8,14 +8,15 @@ import torch
 from helpers import StopAt, cli, one_line_error, write_splits
 from torch.testing import assert_close
 
-from dalle_course.core import InputError
+from dalle_course.core import MODELS, InputError, model_class
 from dalle_course.image_tokenizer import PatchColourTokenizer
-from dalle_course.prior import PRIORS, JointPrior, SeparatePrior
+from dalle_course.pipeline import Pipeline, encode_prompts
+from dalle_course.prior import JointPrior, SeparatePrior
 from dalle_course.evaluation import teacher_forced_ce
 from dalle_course.tokenizer_training import train_tokenizer
-from dalle_course.prior_training import (PRIOR_PRESETS, encode_prompts, fit_text_tokenizer, generate, load_prior_run,
-                                         resolve_prior_recipe, train_prior)
-from dalle_course.text import AttributeTokenizer, WordTokenizer
+from dalle_course.prior_training import PRIOR_PRESETS, resolve_prior_recipe, train_prior
+from dalle_course.runs import SamplingSettings
+from dalle_course.text import AttributeTokenizer, WordTokenizer, fit_text_tokenizer
 
 SMALL = {'model': {'dim': 32, 'depth': 1, 'enc_depth': 1, 'n_heads': 2}}
 
@@ -52,7 +53,7 @@ def test_thesis_preset_is_table6(arch):
     assert t['steps'] == 20 * per_epoch and t['milestones'] == [5 * per_epoch, 10 * per_epoch]
     # Table 6 has no caption dropout and no DALL-E 1/8-7/8 weighting: the image tokens' CE alone
     assert m['p_uncond'] == 0.0 and r['hparams'] == {'w_text': 0.0, 'w_img': 1.0}
-    model = PRIORS[arch](**m)  # the recipe builds
+    model = model_class('prior', arch)(**m)  # the recipe builds
     assert model.text_len == 12 and model.n_img == 1024
     assert model.config['mlp_ratio'] == 2 and model.p_uncond == 0.0
 
@@ -78,9 +79,9 @@ def test_bad_recipes(kw, msg):
 
 def test_every_preset_builds_both_archs():
     for preset in PRIOR_PRESETS:
-        for arch in PRIOR_PRESETS[preset].get('archs', PRIORS):  # Table 7's CUB presets are G2 only (test_cub)
+        for arch in PRIOR_PRESETS[preset].get('archs', MODELS['prior']):  # Table 7's CUB presets are G2 only (test_cub)
             r = resolve_prior_recipe(arch, preset, 200, 21, 12, 64, 8, 8)
-            PRIORS[arch](**r['model'])
+            model_class('prior', arch)(**r['model'])
 
 
 def test_text_tokenizer_choice():
@@ -108,7 +109,8 @@ def test_run_folder_is_self_contained_and_ce_reproduces(data, tmp_path):
                      'ce.png', 'samples.png'}
     ev = json.loads((out / 'eval.json').read_text())
     assert ev['n_test'] == 16 and ev['steps'] == 30 and ev['train_tokens_per_s'] > 0 and ev['sample_images_per_s'] > 0
-    prior, itok, ttok = load_prior_run(out, device='cpu')
+    pipe = Pipeline.from_run(out, device='cpu')
+    prior, itok, ttok = pipe.prior, pipe.tokenizer, pipe.text_tokenizer
     assert isinstance(prior, JointPrior) and isinstance(ttok, AttributeTokenizer) and itok.grid == (8, 8)
     ce = teacher_forced_ce(prior, res['test_tokens'])
     assert abs(float(ce.mean()) - ev['teacher_forced_ce']) < 1e-5
@@ -146,8 +148,9 @@ def test_trained_tokenizer_run_feeds_a_prior(data, tmp_path):
     res = train_prior('joint', tmp_path / 'tok', data / 'train', out=tmp_path / 'g1', test=data / 'test', steps=3,
                       batch_size=4, overrides=SMALL, plots=False)
     assert res['recipe']['model']['h'] == 16 and res['recipe']['model']['image_vocab'] == 64
-    prior, itok, ttok = load_prior_run(tmp_path / 'g1', device='cpu')
-    imgs = generate(prior, itok, ttok, ['7 30 r up 2 20 w down 9 40 g middle'], n=2, guidance=2.0, top_k=5)
+    pipe = Pipeline.from_run(tmp_path / 'g1', device='cpu')
+    prior, itok, ttok = pipe.prior, pipe.tokenizer, pipe.text_tokenizer
+    imgs = Pipeline(prior, itok, ttok)(['7 30 r up 2 20 w down 9 40 g middle'], n=2, guidance=2.0, top_k=5).images
     assert imgs.shape == (2, 3, 64, 64) and 0 <= float(imgs.min()) and float(imgs.max()) <= 1
 
 
@@ -175,7 +178,6 @@ def test_cli_sample_prompt_and_prompts_file(prior_run, tmp_path):
 
 
 def test_cli_sample_npz_holds_the_raw_images_and_prompts(prior_run, tmp_path):
-    from dalle_course.prior_training import load_prior_run, generate
     f = tmp_path / 'prompts.txt'
     f.write_text('7 30 r up 2 20 w down 9 40 g middle\n1 20 b down 3 30 g up 5 40 w middle\n')
     p = cli('sample', '--prior', prior_run, '--prompts', f, '--n', 3, '--top-k', 5, '--seed', 4, '--out', tmp_path / 's.npz')
@@ -184,22 +186,23 @@ def test_cli_sample_npz_holds_the_raw_images_and_prompts(prior_run, tmp_path):
     assert d['images'].shape == (6, 64, 64, 3) and d['images'].dtype == np.uint8
     assert list(d['prompts']) == ['7 30 r up 2 20 w down 9 40 g middle'] * 3 + ['1 20 b down 3 30 g up 5 40 w middle'] * 3
     assert json.loads(str(d['sampling']))['top_k'] == 5
-    prior, itok, ttok = load_prior_run(prior_run, device='cpu')  # the same images as the library draws
-    ref = generate(prior, itok, ttok, [l for l in f.read_text().splitlines()], n=3, seed=4, top_k=5)
+    pipe = Pipeline.from_run(prior_run, device='cpu')  # the same images as the library draws
+    prior, itok, ttok = pipe.prior, pipe.tokenizer, pipe.text_tokenizer
+    ref = Pipeline(prior, itok, ttok)([l for l in f.read_text().splitlines()], n=3, seed=4, top_k=5).images
     assert np.array_equal(d['images'], (ref.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy())
     one_line_error(cli('sample', '--prior', prior_run, '--prompts', f, '--out', tmp_path / 's.npz'), '--overwrite')
 
 
 def test_sampling_settings_are_recorded_and_used(data, tmp_path):
-    from dalle_course.prior_training import run_sampling, DEFAULT_SAMPLING
     from dalle_course.runs import Recipe
     out = tmp_path / 'g1'
     train_prior('joint', data / 'patch.safetensors', data / 'train', out=out, test=data / 'test', steps=2, batch_size=4,
                 overrides={**SMALL, 'sampling': {'top_k': 7, 'guidance': 2.5}}, plots=False)
     rec = Recipe.load(out / 'recipe.json')
-    assert rec.extra['sampling'] == {**DEFAULT_SAMPLING, 'top_k': 7, 'guidance': 2.5}
-    assert run_sampling(out) == {**DEFAULT_SAMPLING, 'top_k': 7, 'guidance': 2.5}
-    assert run_sampling(out, guidance=1.0, top_k=None)['guidance'] == 1.0 and run_sampling(out, top_k=None)['top_k'] == 7
+    assert rec.extra['sampling'] == {'temperature': 1.0, 'top_k': 7, 'top_p': None, 'guidance': 2.5}
+    pipe = Pipeline.from_run(out)                      # the library's defaults < the run's settings < the caller's
+    assert pipe.sampling == SamplingSettings(temperature=1.0, top_k=7, top_p=None, guidance=2.5)
+    assert pipe.settings(guidance=1.0, top_k=None).guidance == 1.0 and pipe.settings(top_k=None).top_k == 7
     # the command without sampling options uses the run's settings: same images as top_k 7, guidance 2.5
     prompt = '7 30 r up 2 20 w down 9 40 g middle'
     for name, extra in [('a', ()), ('b', ('--top-k', 7, '--guidance', 2.5)), ('c', ('--guidance', 1))]:
@@ -276,7 +279,7 @@ def test_demo_presets_resolve_to_buildable_recipes():
         h, w = tok.grid
         rp = resolve_prior_recipe(pr['arch'], pr['preset'], p['n_train'], 21, 12, tok.vocab_size, h, w, pr.get('steps'),
                                   pr.get('batch_size'), overrides=pr.get('overrides'))
-        prior = PRIORS[pr['arch']](**rp['model'])
+        prior = model_class('prior', pr['arch'])(**rp['model'])
         text = torch.randint(1, 21, (1, 12)); z = torch.randint(0, tok.vocab_size, (1, h * w))
         with torch.no_grad(): out = prior(text, z)['image_logits']
         assert out.shape == (1, h * w, tok.vocab_size) and torch.isfinite(out).all(), name

@@ -207,7 +207,8 @@ def test_open_dataset_dispatches_on_meta(tmp_path):
 
 
 def test_captions_are_encoded_per_step_with_dropout_and_several_captions():
-    from dalle_course.prior_training import CaptionTokens, fit_text_tokenizer
+    from dalle_course.prior_training import CaptionTokens
+    from dalle_course.text import fit_text_tokenizer
     caps = [['a small red bird with black wings', 'this red bird is small'], ['a blue bird', 'the bird is blue']]
     tok, spec = fit_text_tokenizer({'kind': 'bpe', 'vocab_size': 80, 'dropout': 0.5}, caps)
     ds = CaptionTokens(tok, spec['length'], torch.zeros(2, 4, dtype=torch.long), caps, dropout=0.5)
@@ -224,10 +225,12 @@ def test_captions_are_encoded_per_step_with_dropout_and_several_captions():
 
 # ---- the prior contract
 def test_prior_contract_and_sampler_options():
-    from dalle_course.prior import PRIORS, AutoregressivePrior, Prior
+    from dalle_course.core import MODELS, model_class
+    from dalle_course.prior import AutoregressivePrior, Prior
     from dalle_course.prior_training import resolve_prior_recipe
-    assert {'joint', 'separate', 'paella', 'maskgit'} <= set(PRIORS)         # lesson 31's priors are registered too
-    for arch, cls in PRIORS.items():
+    assert {'joint', 'separate', 'paella', 'maskgit'} <= set(MODELS['prior'])  # lesson 31's priors are in the registry
+    for arch in MODELS['prior']:
+        cls = model_class('prior', arch)
         assert issubclass(cls, Prior) and cls.arch == arch
         r = resolve_prior_recipe(arch, 'tiny', 100, 21, 12, 64, 8, 8)          # 8x8: the U-Net's 3 levels of patch 2
         m = cls(**r.model)
