@@ -10,6 +10,12 @@ licenses = {'apache2': ('Apache Software License 2.0', 'OSI Approved :: Apache S
 lic = licenses[cfg['license']]
 
 
+# The shipped assets: every file of data/ (and its folders) that the library or a lesson reads at run time, and the
+# README that says how each was made (it carries the MNIST attribution); lesson plots (*.png) stay in the repository.
+assets = cfg['lib_path'] + '.assets'
+asset_pkgs = [assets] + [f'{assets}.{p}' for p in setuptools.find_namespace_packages('data', exclude=['*__pycache__*'])]
+
+
 def reqs(key):
     out = cfg.get(key, '').split()
     for r in out: Requirement(r)
@@ -27,7 +33,9 @@ setuptools.setup(
     classifiers=['Programming Language :: Python :: 3', 'License :: ' + lic[1],
                  'Development Status :: 3 - Alpha', 'Intended Audience :: Developers'],
     keywords=cfg['keywords'],
-    packages=setuptools.find_packages(include=[cfg['lib_path'], cfg['lib_path'] + '.*']),
+    packages=setuptools.find_packages(include=[cfg['lib_path'], cfg['lib_path'] + '.*']) + asset_pkgs,
+    package_dir={assets: 'data'},  # the top-level data/ folder is installed as the package folder dalle_course/assets/
+    package_data={p: ['*.npz', '*.safetensors', '*.json', '*.md', '*.ref'] for p in asset_pkgs},
     include_package_data=True,
     python_requires='>=' + cfg['min_python'],
     install_requires=reqs('requirements'),

@@ -207,11 +207,12 @@ def run_demo(args) -> int:
 def run_eval(args) -> int:
     """`dalle-course eval`: judge --prior (and --compare) on unseen MD-MNIST descriptions (lesson 29), or with --data
     on a free-text dataset's test captions (lesson 33); everything is checked before --out is written."""
+    from dalle_course.pipeline import run_folder
     from dalle_course.runs import RunFolder
-    runs = {Path(args.prior).name or 'prior': args.prior}
+    runs = {Path(args.prior).name or 'prior': run_folder(args.prior)}
     if args.compare is not None:
         name = Path(args.compare).name or 'compare'
-        runs[name if name not in runs else name + ' (2)'] = args.compare
+        runs[name if name not in runs else name + ' (2)'] = run_folder(args.compare)
     for r in runs.values():
         if not Path(r).is_dir(): raise _error(f"{r} is not a folder; pass the --out folder of a `dalle-course train prior` run")
     if args.data is None:
@@ -260,8 +261,9 @@ def run_bench_samplers(args) -> int:
     import json
     from dalle_course.runs import RunFolder, SamplingSettings
     from dalle_course.study import plot_sweep, step_sweep, sweep_table
+    from dalle_course.pipeline import run_folder
     runs = {}
-    for r in args.prior:
+    for r in map(run_folder, args.prior):
         if any(r.resolve() == q.resolve() for q in runs.values()): raise _error(f"--prior {r} is given twice; name each run once")
         runs[r.name if r.name not in runs else str(r)] = r
     sampling = {k: v for k, v in dict(guidance=args.guidance, temperature=args.temperature, top_k=args.top_k).items() if v is not None}
@@ -487,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument('--prompts', type=Path, help='a text file with one description per line')
     src.add_argument('--data', type=Path, help='a CUB-200 root: prompts are --n-prompts captions of its official test split')
     sm.add_argument('--n-prompts', type=_positive_int, default=8, help='with --data: how many test captions')
-    sm.add_argument('--prior', type=Path, required=True, help='a `train prior` run folder')
+    sm.add_argument('--prior', type=Path, required=True, help='a `train prior` run folder, or a shipped one: demo_64, paella_64 or maskgit_64')
     sm.add_argument('--n', type=_positive_int, default=16, help='images per prompt')
     sm.add_argument('--out', type=Path, required=True,
                     help='grid.png for a captioned grid, or samples.npz for the raw images (uint8, N x H x W x 3) and their prompts')
@@ -540,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "ruler and the CLIP score, time them (images/s at --batch-size, after a warm-up), and write "
                          "sweep.json, sweep.md (the table, with speed as a multiple of an autoregressive prior's) and "
                          "sweep.png to --out.")
-    bs.add_argument('--prior', type=Path, action='append', required=True, help='a `train prior` run folder; repeat to compare')
+    bs.add_argument('--prior', type=Path, action='append', required=True, help='a `train prior` run folder, or a shipped one (demo_64, paella_64, maskgit_64); repeat to compare')
     bs.add_argument('--steps', type=_step_counts, default=(4, 8, 12, 16, 24), help='sampling steps to try, e.g. 4,8,12,16,24')
     bs.add_argument('--n', type=_positive_int, default=192, help='unseen test descriptions (one image each)')
     bs.add_argument('--batch-size', type=_positive_int, default=64, help='images sampled at once')
@@ -619,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "for two priors CICS (thesis 4.3.2) with the sign test, the paired t-test and the thesis's "
                         "batch t-test, and paired tests of every difference; 95%% bootstrap intervals throughout. "
                         "Writes eval.json, eval.md (the table), study.png (and rerank.png with --rerank) to --out.")
-    ev.add_argument('--prior', type=Path, required=True, help='a `train prior` run folder (e.g. data/demo_64)')
+    ev.add_argument('--prior', type=Path, required=True, help='a `train prior` run folder, or a shipped one: demo_64, paella_64 or maskgit_64')
     ev.add_argument('--compare', type=Path, default=None, help='a second prior run folder to compare with')
     ev.add_argument('--data', type=Path, default=None,
                     help='a CUB-200 root: judge on its official test captions (CLIP score, free-text CTRS, CE on the real '

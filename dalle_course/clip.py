@@ -345,7 +345,7 @@ def train_clip(kind: str, tokenizer, data, preset: str = 'tiny', options: RunOpt
     get_device(o.device)
     if not isinstance(tokenizer, ImageTokenizer):
         src = Path(tokenizer)
-        tokenizer = load_tokenizer(src / FILES['tokenizer'] if src.is_dir() else src)
+        tokenizer = load_tokenizer(src)  # a file, or a run folder (its own copy or the one its tokenizer.ref names)
     fp = model_fingerprint(tokenizer)
     train, test = split_train_test(data, o.test, n_test, stage='clip', size=tokenizer.image_size)
     size = dataset_image_size(train)

@@ -272,8 +272,12 @@ def _header(obj) -> dict:
             'kind': getattr(obj, 'kind', None), 'config': obj.config}
 
 def save_model(obj, path, extra: dict | None = None, step: int | None = None) -> Path:
-    "Write a registered model to `path`: safetensors (weights + header) for an nn.Module, JSON for the rest."
-    path = Path(path)
+    """Write a model to `path`: safetensors (weights + header) for an nn.Module, JSON for the rest. A class that is not
+    in the registry (one defined in a notebook or a script) joins it under its full name, so that this session can
+    load the file back; another session needs `register_model`."""
+    path, key = Path(path), _name(type(obj))
+    kinds = MODELS.setdefault(obj.role, {})
+    if not any(_name(c) == key for c in kinds.values()): kinds[key] = type(obj)
     if isinstance(obj, torch.nn.Module):
         return save_checkpoint(path, {'model': dict(obj.state_dict())}, config={'model': _header(obj), **(extra or {})},
                                step=step)
@@ -285,7 +289,8 @@ def _class_of(h: dict, role: str, path, label: str) -> type:
     found = [(r, k) for r, kinds in MODELS.items() for k, c in kinds.items() if _name(c) == key]
     if not found: raise InputError(f"{path} is not a dalle_course {label}; pass a file written by dalle-course")
     r = next((x for x in found if x[0] == role), found[0])
-    if r[0] != role: raise InputError(f"{path} holds a {r[0].replace('_', ' ')}, not a {label}; pass the right file")
+    a = lambda w: ('an ' if w[0] in 'aeiou' else 'a ') + w  # noqa: E731
+    if r[0] != role: raise InputError(f"{path} holds {a(r[0].replace('_', ' '))}, not {a(label)}; pass the right file")
     return model_class(*r)
 
 def load_model(path, role: str, device: str | torch.device = 'cpu', label: str | None = None):

@@ -16,7 +16,7 @@ from .clip import clip_scorer, load_clip_run
 from .core import InputError, get_device, image_grid, model_fingerprint, require as _check
 from .datasets import all_captions, open_dataset, split_train_test
 from .evaluation import bootstrap_ci, cics, teacher_forced_ce
-from .pipeline import Pipeline
+from .study import load_judged, real_image_ce
 from .runs import RunFolder
 from .text import length_at_percentile, words
 from .tokenizer_training import _slug
@@ -382,17 +382,10 @@ def evaluate_text_priors(runs: dict, data, clip_run, n: int = 256, seed: int = 0
     _check(1 <= len(runs) <= 2, f"evaluate one prior, or compare two; got {len(runs)}")
     _check(clip_run is not None, "free-text data needs a CLIP trained on it: pass --clip, the --out folder of "
            "`dalle-course train clip --data ROOT ...`")
-    dev = get_device(device)
-    pipes = {name: Pipeline.from_run(run, dev) for name, run in runs.items()}
-    priors = {name: dict(pipe=p, prior=p.prior, tokenizer=p.tokenizer, text_tok=p.text_tokenizer, run=Path(runs[name])) for name, p in pipes.items()}
-    clip, clip_tok, clip_fp = load_clip_run(clip_run, dev)
-    sizes = {p['tokenizer'].image_size for p in priors.values()}
-    _check(len(sizes) == 1, f"the priors draw images of different sizes ({sorted(sizes)}); compare priors of one image size")
-    for name, p in priors.items():
-        fp = model_fingerprint(p['tokenizer'])
-        _check(clip_fp in (None, fp), f"the CLIP at {clip_run} was trained on another image tokenizer's reconstructions "
-               f"than the prior {name}; train one with `dalle-course train clip --tokenizer {p['run']} ...`")
-    S = sizes.pop()
+    j = load_judged(runs, clip_run, device, md_mnist=False)  # the judging core of lesson 29
+    priors = {name: dict(pipe=p, prior=p.prior, tokenizer=p.tokenizer, text_tok=p.text_tokenizer, run=Path(runs[name]))
+              for name, p in j['pipes'].items()}
+    S, clip, clip_tok = j['image_size'], j['clip'], j['clip_tok']
     test, prompts = test_prompts(data, S, n, seed)
     scorer = clip_scorer(clip, clip_tok)
     real = torch.stack([test[i]['image'] for i in range(len(test))])                  # (n, 3, S, S) real test photos
@@ -403,11 +396,7 @@ def evaluate_text_priors(runs: dict, data, clip_run, n: int = 256, seed: int = 0
         images, secs, settings = drawn.images, drawn.seconds, drawn.settings.options()  # (n, 3, S, S)
         cs = scorer(images, cut)                                                      # (n,) the text the prior read
         ct = ctrs_text(scorer, images, cut, max_m=max_m, seed=seed)
-        with torch.no_grad():
-            z = torch.cat([p['tokenizer'].encode(real[i:i + batch_size].to(dev)).reshape(len(real[i:i + batch_size]), -1).cpu()
-                           for i in range(0, len(real), batch_size)])                 # (n, h*w)
-        text = p['pipe'].encode(prompts, truncate=True)
-        ce = teacher_forced_ce(p['prior'], torch.utils.data.TensorDataset(text, z.long()), batch_size=batch_size)
+        ce = real_image_ce(p['pipe'], real, prompts, batch_size, truncate=True)          # (n,) on the real test photos
         out['models'][name] = {'run': str(p['run']), 'arch': p['prior'].arch, 'sampling': settings,
                                'clip_score': float(cs.mean()), 'clip_score_ci': bootstrap_ci(cs, None, n_boot, seed=seed),
                                'ctrs': {k: v for k, v in ct.items() if k != 'scores'},

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .core import InputError, load_model, progress, save_model
-from .runs import FILES
+from .runs import FILES, tokenizer_file
 
 # %% auto #0
 __all__ = ['TOKENIZER_FILE', 'ImageTokenizer', 'load_tokenizer', 'PatchColourTokenizer', 'code_counts', 'codebook_usage',
@@ -59,7 +59,7 @@ TOKENIZER_FILE = FILES['tokenizer']  # the one table of file names (lesson 01)
 def load_tokenizer(path, device: str | torch.device = 'cpu') -> ImageTokenizer:
     "Rebuild any tokenizer saved with `ImageTokenizer.save` (a file, or a run folder holding tokenizer.safetensors)."
     path = Path(path)
-    if path.is_dir(): path = path / TOKENIZER_FILE
+    if path.is_dir(): path = tokenizer_file(path)  # its own copy, or the shared one its tokenizer.ref names
     if not path.is_file():
         raise InputError(f"no tokenizer at {path}; pass a tokenizer run folder (with {TOKENIZER_FILE}) or its file")
     return load_model(path, 'image_tokenizer', device, label='tokenizer')

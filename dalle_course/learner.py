@@ -549,7 +549,7 @@ def train_run(stage: Stage, options: RunOptions, train_data=None, test_data=None
     try:
         if rf is not None: recipe.save(rf.file('recipe'))
         train, test = stage.data(recipe, rf) if stage.data is not None else (train_data, test_data)
-        seed_everything(recipe.train['seed'])  # the model's initial weights follow the seed
+        seed_everything(recipe.train.get('seed', 0))  # the model's initial weights follow the seed
         model = stage.build(recipe)
         learner = train_recipe(model, stage.loss, recipe, train, test, folder=rf, device=o.device, eval_every=o.eval_every,
                                eval_per_run=stage.eval_per_run, resume=o.resume, callbacks=o.callbacks,

@@ -14,7 +14,7 @@ from torch import nn
 from .core import InputError, autocast, progress, require as _check
 from .prior import Prior, TextEncoder, _check_text, _flat_image, _unpack, drop_text
 from .runs import SamplingSettings
-from .sampling import eval_mode, filter_logits, guide
+from .sampling import Guidance, eval_mode, filter_logits
 from .transformer import MultiHeadAttention
 
 # %% auto #0
@@ -277,22 +277,20 @@ def _given_region(prior, given, region, B: int, dev, strength: float = 1.0):
         reg = r.reshape(-1, N).expand(B, N).clone()
     return full, reg
 
-def _draw(prior, x, level, ctx, B: int, cfg: bool, guidance, temperature, top_k, top_p, generator):
+def _draw(prior, x, level, ctx, cfg: Guidance, temperature, top_k, top_p, generator):
     "One parallel prediction: (sampled tokens (B, N), their probabilities (B, N)) for corrupted `x` (B, N) at `level` (B,)."
-    both = (lambda a: torch.cat([a, a])) if cfg else (lambda a: a)
-    logits = prior.predict(both(x), both(level), ctx)  # (R, N, K)
-    l = guide(logits, guidance) if cfg else logits.float()  # (B, N, K)
+    logits = prior.predict(cfg.both(x), cfg.both(level), ctx)  # (R, N, K)
+    l = cfg.logits(logits)  # (B, N, K): lesson 24's guidance
     probs = filter_logits(l, temperature, top_k, top_p).softmax(-1)
     tok = categorical(probs, generator)  # (B, N)
     return tok, probs.gather(-1, tok[..., None])[..., 0]
 
 def _start(prior, text, temperature, top_k, top_p, guidance, steps, strength):
-    "Checks, then (device, B, caption rows (R, L) with the null text appended under guidance, cfg flag)."
+    "Checks, then (device, B, the guidance of lesson 24: its caption rows (R, L), null captions appended when on)."
     SamplingSettings(temperature, top_k, top_p, guidance); _check_steps(steps, strength)  # once, before the loop
     dev = next(prior.parameters()).device
     text = text.to(dev); _check_text(text, prior.text_len)
-    cfg = guidance != 1.0
-    return dev, text.shape[0], (torch.cat([text, prior.null_text(text.shape[0])]) if cfg else text), cfg
+    return dev, text.shape[0], Guidance(prior, text, guidance)
 
 def paella_timesteps(steps: int, strength: float = 1.0) -> torch.Tensor:
     "Noise ratios t_1 > ... > t_T of Algorithm 1: from `strength` (1 = pure noise) down to t_T = 0, evenly spaced."
@@ -306,16 +304,16 @@ def renoise_sample(prior, text: torch.Tensor, steps: int = 12, temperature: floa
     -> renoise a fraction t_{i+1} of the places back to u_init. Returns tokens `(B, h, w)`. With `given` tokens, the
     places outside `region` keep them bit-identical; `strength` < 1 starts from `given` renoised by that ratio
     (variations). `trace`, a list, receives the sampled grid `(B, h, w)` of every step."""
-    dev, B, rows, cfg = _start(prior, text, temperature, top_k, top_p, guidance, steps, strength)
+    dev, B, cfg = _start(prior, text, temperature, top_k, top_p, guidance, steps, strength)
     full, reg = _given_region(prior, given, region, B, dev, strength)
     u_init = torch.randint(0, prior.image_vocab, (B, prior.n_img), generator=generator, device=dev)  # (B, N)
     if full is not None: u_init = torch.where(reg, u_init, full)  # the kept places are their own "noise"
     ts = paella_timesteps(steps, strength).to(dev)
     u = u_init if strength >= 1 else renoise(full, ts[0].expand(B), u_init, generator)[0]  # variations: given, renoised
     with eval_mode(prior), autocast(dev):
-        ctx = prior.encode(rows)  # (R, L, D): the text is encoded once
+        ctx = prior.encode(cfg.rows)  # (R, L, D): the text is encoded once
         for i in progress(range(steps), desc='renoising', disable=not show_progress, leave=False):
-            u, _ = _draw(prior, u, ts[i].expand(B), ctx, B, cfg, guidance, temperature, top_k, top_p, generator)
+            u, _ = _draw(prior, u, ts[i].expand(B), ctx, cfg, temperature, top_k, top_p, generator)
             if full is not None: u = torch.where(reg, u, full)
             if trace is not None: trace.append(u.view(B, prior.h, prior.w).clone())
             if i + 1 < steps: u = renoise(u, ts[i + 1].expand(B), u_init, generator)[0]
@@ -348,17 +346,17 @@ def mask_sample(prior, text: torch.Tensor, steps: int = 8, temperature: float = 
     predict every masked place -> guidance -> sample -> keep the sampled tokens but re-mask the
     floor(gamma((i+1)/T) * M) least confident (M: the places masked at the start). Unmasked tokens never change;
     the mask token is an input only and is never drawn. Returns `(B, h, w)`; `trace` gets the filled grid per step."""
-    dev, B, rows, cfg = _start(prior, text, temperature, top_k, top_p, guidance, steps, strength)
+    dev, B, cfg = _start(prior, text, temperature, top_k, top_p, guidance, steps, strength)
     full, reg = _given_region(prior, given, region, B, dev, strength)
     if strength < 1: reg = reg & (torch.rand(reg.shape, generator=generator, device=dev) < strength)
     x = torch.full((B, prior.n_img), prior.mask_id, dtype=torch.long, device=dev)
     if full is not None: x = torch.where(reg, x, full)
     M = reg.sum(1).cpu().double()  # (B,) places to draw (float64 on the CPU: MPS has no float64)
     with eval_mode(prior), autocast(dev):
-        ctx = prior.encode(rows)
+        ctx = prior.encode(cfg.rows)
         for i in progress(range(steps), desc='unmasking', disable=not show_progress, leave=False):
             masked = x == prior.mask_id  # (B, N)
-            tok, p = _draw(prior, x, masked.float().mean(1), ctx, B, cfg, guidance, temperature, top_k, top_p, generator)
+            tok, p = _draw(prior, x, masked.float().mean(1), ctx, cfg, temperature, top_k, top_p, generator)
             filled = torch.where(masked, tok, x)
             if trace is not None: trace.append(filled.view(B, prior.h, prior.w).clone())
             if i + 1 == steps: x = filled; break

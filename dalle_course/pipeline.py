@@ -12,13 +12,19 @@ import torch
 
 from .core import (InputError, get_device, image_grid, load_model, model_fingerprint, progress,
                                read_checkpoint_meta, require as _check, shipped)
-from .runs import FILES, Recipe, SamplingSettings
+from .runs import FILES, Recipe, SamplingSettings, tokenizer_file
 
 # %% auto #0
-__all__ = ['SHIPPED_DEMO_RUN', 'encode_prompts', 'Drawing', 'Pipeline']
+__all__ = ['SHIPPED_DEMO_RUN', 'SHIPPED_RUNS', 'run_folder', 'encode_prompts', 'Drawing', 'Pipeline']
 
 # %% ../nbs/08_pipeline.ipynb #08_pipeline-005
 SHIPPED_DEMO_RUN = shipped('demo_64')  # the demo's tokenizer, prior and CLIP (lesson 27), shipped with the package
+SHIPPED_RUNS = ('demo_64', 'paella_64', 'maskgit_64')  # the prior runs the package ships (lessons 27 and 31)
+
+def run_folder(run) -> Path:
+    "A prior run folder; the name of a shipped run (`demo_64`, `paella_64`, `maskgit_64`) where no such folder exists here."
+    p = Path(run)
+    return shipped(str(run)) if not p.exists() and str(run) in SHIPPED_RUNS else p
 
 def encode_prompts(text_tok, prompts: list[str], L: int, truncate: bool = False) -> torch.Tensor:
     """Prompts -> `(P, L)` text tokens, with a one-line error naming the prompt that does not fit (or, with
@@ -59,16 +65,18 @@ class Pipeline:
     @classmethod
     def from_run(cls, run, device=None) -> 'Pipeline':
         """The pipeline of a prior run folder (`dalle-course train prior --out`), after checking that its tokenizer
-        copy is the very tokenizer the prior was trained on (by fingerprint)."""
-        run = Path(run)
-        for f in (FILES['prior'], FILES['tokenizer'], FILES['text_tokenizer']):
-            _check((run / f).is_file(), f"{run} has no {f}; pass the --out folder of a finished `dalle-course train prior` run")
+        copy is the very tokenizer the prior was trained on (by fingerprint). `run` may name a shipped run: `demo_64`."""
+        run = run_folder(run)
+        tok_file = tokenizer_file(run)  # the run's own copy, or the shared one its tokenizer.ref names
+        for f in (run / FILES['prior'], tok_file, run / FILES['text_tokenizer']):
+            _check(f.is_file(), f"{run} has no {f.name}; pass the --out folder of a finished `dalle-course train prior` run"
+                   if f.parent == run else f"{run / FILES['tokenizer_ref']} names {f}, which does not exist; put it back")
         dev = get_device(device)
         prior = load_model(run / FILES['prior'], 'prior', dev)
-        tok = load_model(run / FILES['tokenizer'], 'image_tokenizer', dev, label='tokenizer')
+        tok = load_model(tok_file, 'image_tokenizer', dev, label='tokenizer')
         want = read_checkpoint_meta(run / FILES['prior'])['config'].get('depends', {}).get('image_tokenizer')
         have = model_fingerprint(tok)
-        _check(want in (None, have), f"{run / FILES['tokenizer']} is not the tokenizer this prior was trained on "
+        _check(want in (None, have), f"{tok_file} is not the tokenizer this prior was trained on "
                f"(fingerprint {have}, the prior's is {want}); put the run's own tokenizer back or train the prior again")
         text_tok = load_model(run / FILES['text_tokenizer'], 'text_tokenizer')
         recipe = run / FILES['recipe']

@@ -11,8 +11,9 @@ from pathlib import Path
 from .core import InputError, is_main_process, load_checkpoint, read_json, require, write_text_atomic
 
 # %% auto #0
-__all__ = ['FILES', 'RUN_FORMAT', 'INPUT_LABELS', 'RunFolder', 'read_manifest', 'steps_per_epoch', 'resolve_train',
-           'merge_overrides', 'Recipe', 'RunResult', 'RunOptions', 'SamplingSettings', 'check_output_file']
+__all__ = ['FILES', 'RUN_FORMAT', 'INPUT_LABELS', 'tokenizer_file', 'RunFolder', 'read_manifest', 'steps_per_epoch',
+           'resolve_train', 'merge_overrides', 'Recipe', 'RunResult', 'RunOptions', 'SamplingSettings',
+           'check_output_file']
 
 # %% ../nbs/01_runs.ipynb #01_runs-005
 FILES = dict(
@@ -22,11 +23,18 @@ FILES = dict(
     metrics='metrics.jsonl', metrics_plot='metrics.png',
     eval='eval.json',                     # test metrics of the finished run
     tokenizer='tokenizer.safetensors',    # an image tokenizer (stage 1's product; a prior run keeps a copy)
+    tokenizer_ref='tokenizer.ref',        # instead of that copy: the path of a shared one, relative to the folder
     text_tokenizer='text_tokenizer.json', # the text tokenizer a prior reads its captions with
     prior='prior.safetensors',            # a prior (stage 2's product)
     tokens='tokens.safetensors', captions='captions.json',  # a prior run's cached image tokens and captions
 )
 RUN_FORMAT = 'dalle_course/run/1'
+
+def tokenizer_file(run) -> Path:
+    "The image tokenizer of a run folder: its own copy, else the shared file its `tokenizer.ref` names (shipped runs share one)."
+    run = Path(run)
+    own, ref = run / FILES['tokenizer'], run / FILES['tokenizer_ref']
+    return own if own.is_file() or not ref.is_file() else run / ref.read_text(encoding='utf-8').strip()
 INPUT_LABELS = {'image_tokenizer': 'image tokenizer (--tokenizer)', 'train_data': 'training data (--data)',
                 'test_data': 'test data (--test)'}  # how the fingerprinted inputs of a run are named to a user
 
@@ -369,6 +377,8 @@ class RunOptions:
     @classmethod
     def make(cls, options: 'RunOptions | None' = None, **kw) -> 'RunOptions':
         "`options` (or the defaults) with the keywords `kw` set; an unknown keyword is a TypeError, as in a call."
+        if options is not None and not isinstance(options, RunOptions):
+            raise TypeError(f"options must be RunOptions, got {type(options).__name__}; pass run options by keyword (out=..., test=...)")
         bad = sorted(set(kw) - {f.name for f in fields(cls)})
         if bad: raise TypeError(f"unknown run option {bad[0]!r}; use {', '.join(f.name for f in fields(cls))}")
         o = copy.copy(options) if options is not None else cls()

@@ -13,7 +13,7 @@ from .core import InputError, autocast, progress
 from .runs import SamplingSettings
 
 # %% auto #0
-__all__ = ['filter_logits', 'guide', 'eval_mode', 'sample', 'cached_logits']
+__all__ = ['filter_logits', 'guide', 'eval_mode', 'Guidance', 'sample', 'cached_logits']
 
 # %% ../nbs/24_sampling.ipynb #24_sampling-010
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -51,6 +51,17 @@ def eval_mode(model: nn.Module):
 
 def _device(model: nn.Module) -> torch.device: return next(model.parameters()).device
 
+class Guidance:
+    """Classifier-free guidance as every sampler of the course runs it (this lesson's and lesson 31's): with a scale
+    != 1 the captions `text` (B, L) and as many null captions go through the prior as one batch of 2B `rows`; `both`
+    repeats the image-side inputs for the two halves and `logits` combines the halves with `guide`."""
+    def __init__(self, prior, text: torch.Tensor, scale: float = 1.0):
+        self.scale, self.on = scale, scale != 1.0
+        self.rows = torch.cat([text, prior.null_text(text.shape[0])]) if self.on else text  # (R, L): a new tensor
+
+    def both(self, t: torch.Tensor) -> torch.Tensor: return torch.cat([t, t]) if self.on else t  # the same tokens, both halves
+    def logits(self, l: torch.Tensor) -> torch.Tensor: return guide(l, self.scale) if self.on else l.float()  # (B, ..., K)
+
 def _check_given(given: torch.Tensor | None, B: int, prior) -> torch.Tensor | None:
     "Given tokens (B, m) or whole rows (B, r, w) -> a raster prefix (B, m), checked against the prior's grid and codebook."
     if given is None: return None
@@ -75,20 +86,18 @@ def sample(prior: nn.Module, text: torch.Tensor, temperature: float = 1.0, top_k
     text = text.to(dev)
     g = _check_given(given, B, prior)
     m = 0 if g is None else g.shape[1]
-    cfg = guidance != 1.0
-    rows = torch.cat([text, prior.null_text(B)]) if cfg else text  # (R, L), R = 2B with guidance; a new tensor
-    both = (lambda t: torch.cat([t, t])) if cfg else (lambda t: t)  # the same tokens go to both halves
+    cfg = Guidance(prior, text, guidance)  # rows (R, L): R = 2B with guidance
     out = torch.empty(B, N, dtype=torch.long, device=dev)  # (B, N)
     if m: out[:, :m] = g.to(dev)
     with eval_mode(prior), autocast(dev):
-        state, logits = prior.prefix(rows)  # logits (R, K) of token 0
-        if m and m < N: logits = prior.extend(state, both(out[:, :m]))[:, -1]  # (R, K) of token m
+        state, logits = prior.prefix(cfg.rows)  # logits (R, K) of token 0
+        if m and m < N: logits = prior.extend(state, cfg.both(out[:, :m]))[:, -1]  # (R, K) of token m
         for i in progress(range(m, N), desc='sampling', disable=not show_progress, leave=False):
-            l = guide(logits, guidance) if cfg else logits.float()  # (B, K)
+            l = cfg.logits(logits)  # (B, K)
             probs = filter_logits(l, temperature, top_k, top_p).softmax(-1)
             tok = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
             out[:, i] = tok[:, 0]
-            if i + 1 < N: logits = prior.extend(state, both(tok))[:, -1]  # (R, K)
+            if i + 1 < N: logits = prior.extend(state, cfg.both(tok))[:, -1]  # (R, K)
     return out.view(B, prior.h, prior.w)
 
 # %% ../nbs/24_sampling.ipynb #24_sampling-021

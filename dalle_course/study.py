@@ -20,9 +20,9 @@ from .ruler import load_ruler
 from .runs import Recipe, RunFolder
 
 # %% auto #0
-__all__ = ['UNSEEN_SEED', 'THESIS_STUDY', 'SWEEP_STEPS', 'unseen_descriptions', 'load_study_inputs', 'evaluate_priors',
-           'study_table', 'plot_study', 'save_study', 'plot_rerank_study', 'step_sweep', 'sweep_table', 'plot_sweep',
-           'sample_evolution']
+__all__ = ['UNSEEN_SEED', 'THESIS_STUDY', 'SWEEP_STEPS', 'unseen_descriptions', 'load_judged', 'real_image_ce',
+           'load_study_inputs', 'evaluate_priors', 'study_table', 'plot_study', 'save_study', 'plot_rerank_study',
+           'step_sweep', 'sweep_table', 'plot_sweep', 'sample_evolution']
 
 # %% ../nbs/29_study.ipynb #af0d0f7b
 UNSEEN_SEED = 7919  # the offset of the unseen-description draw from a study's seed (every judge draws the same prompts)
@@ -33,19 +33,36 @@ def unseen_descriptions(n: int, seed: int = 0) -> tuple[torch.Tensor, list[str]]
     said, _ = draw_attributes(n, seed=seed + UNSEEN_SEED, split='test')
     return torch.as_tensor(said), mdmnist_captions(said)
 
-def _check_inputs(priors: dict, clip_fp: str | None, clip_run) -> int:
-    "The one image size of the priors, after checking that the CLIP judges their tokenizer and they read MD-MNIST."
-    sizes = {name: p['tokenizer'].image_size for name, p in priors.items()}
+def load_judged(runs: dict, clip_run=None, device=None, md_mnist: bool = True) -> dict:
+    """The judging core's inputs, loaded and checked, writing nothing: a pipeline per prior run ({name: run folder}),
+    the CLIP of `clip_run` (default: the shipped one) after checking it was trained on each prior's tokenizer, the
+    one image size; with `md_mnist`, that every prior reads MD-MNIST descriptions. `eval`, the study, CUB's
+    free-text evaluation and the step sweep all start here."""
+    _check(len(runs) > 0, "no prior runs given; pass --prior RUN")
+    dev = get_device(device)
+    pipes = {name: Pipeline.from_run(run, dev) for name, run in runs.items()}
+    sizes = {name: p.tokenizer.image_size for name, p in pipes.items()}
     _check(len(set(sizes.values())) == 1, f"the priors draw images of different sizes ({sizes}); compare priors of one image size")
-    for name, p in priors.items():
-        fp = model_fingerprint(p['tokenizer'])
-        _check(clip_fp in (None, fp), f"the CLIP at {clip_run} was trained on another image tokenizer's reconstructions "
-               f"(fingerprint {clip_fp}) than the prior {name} (its tokenizer {fp}); train one on it: `dalle-course "
-               f"train clip --tokenizer {p['run']}/tokenizer.safetensors ...`")
-        try: p['pipe'].encode(['7 30 r up 2 20 w down 9 40 g middle'])
-        except InputError: raise InputError(f"the prior {name} ({p['run']}) does not read MD-MNIST descriptions; "
-                                            f"`eval` measures priors trained on MD-MNIST") from None
-    return next(iter(sizes.values()))
+    clip, clip_tok, clip_fp = load_clip_run(clip_run, dev)
+    for name, p in pipes.items():
+        fp = model_fingerprint(p.tokenizer)
+        _check(clip_fp in (None, fp), f"the CLIP at {clip_run or 'shipped'} was trained on another image tokenizer's "
+               f"reconstructions (fingerprint {clip_fp}) than the prior {name} (its tokenizer {fp}); train one on it: "
+               f"`dalle-course train clip --tokenizer {runs[name]}/tokenizer.safetensors ...`")
+        if md_mnist:
+            try: p.encode(['7 30 r up 2 20 w down 9 40 g middle'])
+            except InputError: raise InputError(f"the prior {name} ({runs[name]}) does not read MD-MNIST descriptions; "
+                                                f"`eval` measures priors trained on MD-MNIST") from None
+    return dict(pipes=pipes, clip=clip, clip_tok=clip_tok, image_size=next(iter(sizes.values())), device=dev)
+
+def real_image_ce(pipe: Pipeline, images: torch.Tensor, captions: list[str], batch_size: int = 64,
+                  truncate: bool = False) -> torch.Tensor:
+    "The prior's CE `(n,)` on real test images `(n, 3, S, S)` in [0, 1] with their captions (teacher-forced, or denoising)."
+    with torch.no_grad():
+        z = torch.cat([pipe.tokenizer.encode(images[i:i + batch_size].to(pipe.device)).reshape(len(images[i:i + batch_size]), -1).cpu()
+                       for i in range(0, len(images), batch_size)])  # (n, h*w)
+    text = pipe.encode(list(captions), truncate=truncate)
+    return teacher_forced_ce(pipe.prior, torch.utils.data.TensorDataset(text, z.long()), batch_size=batch_size)
 
 def _paired(a: torch.Tensor, b: torch.Tensor, n_boot: int, seed: int) -> dict:
     "Mean difference a - b of paired per-item values with a bootstrap interval and the paired t-test."
@@ -56,15 +73,11 @@ def load_study_inputs(runs: dict, clip_run=None, classifier=None, device=None) -
     """Load and check everything `evaluate_priors` judges with, writing nothing: the prior runs ({name: run folder},
     one or two), the CLIP of `clip_run` (default: the shipped one) and the ruler `classifier` (default: shipped)."""
     _check(1 <= len(runs) <= 2, f"evaluate one prior, or compare two; got {len(runs)}")
-    dev = get_device(device)
-    priors = {}
-    for name, run in runs.items():
-        pipe = Pipeline.from_run(run, dev)
-        priors[name] = dict(run=Path(run), pipe=pipe, prior=pipe.prior, tokenizer=pipe.tokenizer)
-    clip, clip_tok, clip_fp = load_clip_run(clip_run, dev)
-    S = _check_inputs(priors, clip_fp, clip_run)
+    j = load_judged(runs, clip_run, device)
+    S, dev = j['image_size'], j['device']
+    priors = {name: dict(run=Path(runs[name]), pipe=p, prior=p.prior, tokenizer=p.tokenizer) for name, p in j['pipes'].items()}
     ruler = load_ruler(classifier, image_size=S, device=dev)
-    return dict(priors=priors, clip=clip, clip_tok=clip_tok, ruler=ruler, image_size=S, device=dev,
+    return dict(priors=priors, clip=j['clip'], clip_tok=j['clip_tok'], ruler=ruler, image_size=S, device=dev,
                 clip_run=str(clip_run or 'shipped'), classifier=str(classifier or 'shipped'))
 
 def evaluate_priors(runs: dict, clip_run=None, classifier=None, n: int = 1000, seed: int = 0, device=None,
@@ -91,12 +104,8 @@ def evaluate_priors(runs: dict, clip_run=None, classifier=None, n: int = 1000, s
         fol = caption_following(said, seen)
         cs = scorer(images, prompts)                                          # (n,) CLIP score of each image
         ct = ctrs(scorer, images, said, seed=seed)
-        with torch.no_grad():
-            x = torch.from_numpy(real['images']).permute(0, 3, 1, 2).float().div(255).to(dev)
-            z = torch.cat([p['tokenizer'].encode(x[i:i + batch_size]).reshape(len(x[i:i + batch_size]), -1).cpu()
-                           for i in range(0, len(x), batch_size)])
-        text = p['pipe'].encode(list(real['captions']))
-        ce = teacher_forced_ce(p['prior'], torch.utils.data.TensorDataset(text, z.long()), batch_size=batch_size)
+        x = torch.from_numpy(real['images']).permute(0, 3, 1, 2).float().div(255)   # (n, 3, S, S) real test images
+        ce = real_image_ce(p['pipe'], x, real['captions'], batch_size)
         recipe = Recipe.load(p['run'] / 'recipe.json') if (p['run'] / 'recipe.json').is_file() else None
         m = {'run': str(p['run']), 'arch': p['prior'].arch, 'params': sum(q.numel() for q in p['prior'].parameters()),
              'steps': recipe.train['steps'] if recipe else None, 'sampling': settings,
@@ -249,12 +258,9 @@ def step_sweep(runs: dict, steps=SWEEP_STEPS, n: int = 192, seed: int = 0, batch
     `batch_size`. `sampling` (e.g. {'guidance': 3.0}) overrides the runs' settings for every prior alike."""
     _check(len(runs) > 0, "no prior runs given; pass --prior RUN (once per prior to compare)")
     _check(all(isinstance(T, int) and T >= 1 for T in steps) and len(steps) > 0, f"steps must be whole numbers >= 1, got {steps}")
-    pipes = {k: Pipeline.from_run(r, device) for k, r in runs.items()}
-    sizes = {k: p.tokenizer.image_size for k, p in pipes.items()}
-    _check(len(set(sizes.values())) == 1, f"the priors' tokenizers make different image sizes {sizes}; compare priors of one size")
-    S, dev = next(iter(sizes.values())), next(iter(pipes.values())).device
-    clip, clip_tok, _ = load_clip_run(clip_run, dev)
-    scorer, ruler = clip_scorer(clip, clip_tok), load_ruler(classifier, image_size=S, device=dev)
+    j = load_judged(runs, clip_run, device)
+    pipes, S = j['pipes'], j['image_size']
+    scorer, ruler = clip_scorer(j['clip'], j['clip_tok']), load_ruler(classifier, image_size=S, device=j['device'])
     base = {k: p.settings(**(sampling or {})).options() for k, p in pipes.items()}  # every setting checked before drawing
     said, prompts = unseen_descriptions(n, seed)
     rows = []

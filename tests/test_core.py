@@ -107,3 +107,38 @@ def test_image_layouts_and_grid():
 
 def test_input_error_is_value_error():
     assert issubclass(InputError, ValueError)
+
+
+# ---- the one model registry
+def test_registry_names_every_library_class_and_imports_it_on_first_use():
+    import importlib, subprocess, sys
+    from dalle_course.core import MODELS, model_class
+    # every entry names a real class of the package whose role and kind agree with the table
+    for role, kinds in MODELS.items():
+        for kind, c in kinds.items():
+            cls = model_class(role, kind)
+            assert isinstance(cls, type) and cls.__module__.startswith('dalle_course.') and cls.role == role, (role, kind)
+    with pytest.raises(InputError, match="unknown prior kind 'gpt'"): model_class('prior', 'gpt')
+    # importing the core imports no model module: nothing registers itself as a side effect of an import
+    code = ("import sys, dalle_course.core as c; assert not any(m in sys.modules for m in "
+            "('dalle_course.prior', 'dalle_course.paella', 'dalle_course.clip')); "
+            "assert c.model_class('prior', 'maskgit').__name__ == 'MaskGITPrior'; print('ok')")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == 'ok', r.stderr
+
+
+def test_files_of_unregistered_classes_load_only_where_the_class_is_known(tmp_path):
+    import subprocess, sys
+    from dalle_course.core import MODELS, load_model, save_model, model_class
+    from dalle_course.image_tokenizer import PatchColourTokenizer
+
+    class MyTokenizer(PatchColourTokenizer):  # a learner's own class, defined in a notebook or a script
+        pass
+
+    p = save_model(MyTokenizer(image_size=16, patch=8, levels=2), tmp_path / 'mine.safetensors')
+    assert type(load_model(p, 'image_tokenizer')) is MyTokenizer                     # this session: loads back
+    assert model_class('image_tokenizer', 'patch-colour') is PatchColourTokenizer     # the library's kind is untouched
+    with pytest.raises(InputError, match='holds an image tokenizer, not a prior'): load_model(p, 'prior')
+    code = f"from dalle_course.core import load_model; load_model({str(p)!r}, 'image_tokenizer')"  # another session
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert r.returncode != 0 and 'is not a dalle_course image tokenizer' in r.stderr

@@ -218,7 +218,7 @@ def test_inpainting_feeds_the_given_tokens_outside_the_region_at_every_step(cls,
     seen = []
     def draw(prior, x, level, *a, generator=None, **k):
         seen.append(x.clone()); return torch.randint(0, 16, x.shape), torch.rand(x.shape)
-    monkeypatch.setattr(pa, '_draw', lambda prior, x, level, ctx, B, cfg, g, t, tk, tp, gen: draw(prior, x, level))
+    monkeypatch.setattr(pa, '_draw', lambda prior, x, level, ctx, cfg, t, tk, tp, gen: draw(prior, x, level))
     p, given = _prior(cls), torch.randint(0, 16, (3, 8, 8), generator=torch.Generator().manual_seed(4))
     region = torch.zeros(8, 8, dtype=torch.bool); region[1:5, 2:6] = True              # 16 places
     z = p.generate(_text(), steps=4, given=given, region=region)

@@ -171,7 +171,7 @@ def test_one_registry_for_every_role(tmp_path):
     assert model_fingerprint(load_prior(tmp_path / 'p.safetensors')) == model_fingerprint(prior)
     assert load_text_tokenizer(tmp_path / 'x.json').vocab == text.vocab
     with pytest.raises(InputError, match='holds a prior, not a tokenizer'): load_tokenizer(tmp_path / 'p.safetensors')
-    with pytest.raises(InputError, match='holds a image tokenizer, not a prior'): load_prior(tmp_path / 't.safetensors')
+    with pytest.raises(InputError, match='holds an image tokenizer, not a prior'): load_prior(tmp_path / 't.safetensors')
     other = JointPrior(21, 64, 12, 8, 8, dim=16, depth=1, n_heads=2)
     assert model_fingerprint(other) != model_fingerprint(prior)   # same config, other weights: another model
 
@@ -323,3 +323,26 @@ def test_data_fingerprint_refuses_other_data_on_resume(tmp_path):
     with pytest.raises(InputError, match=r'another training data \(--data\)'):
         train_tokenizer('vqvae', tmp_path / 'other', out=tmp_path / 'run', resume=True, **{**kw, 'steps': 3})
     assert train_tokenizer('vqvae', tmp_path / 'train', out=tmp_path / 'run', resume=True, **{**kw, 'steps': 3})['summary']['step'] == 3
+
+
+def test_shipped_runs_share_one_tokenizer_and_load_by_name(tmp_path, monkeypatch):
+    import shutil
+    from dalle_course.core import shipped
+    from dalle_course.image_tokenizer import load_tokenizer
+    from dalle_course.pipeline import Pipeline, SHIPPED_RUNS
+    from dalle_course.runs import FILES, tokenizer_file
+    demo_tok = shipped('demo_64') / FILES['tokenizer']
+    for name in ('paella_64', 'maskgit_64'):        # one copy of the demo's tokenizer, named by tokenizer.ref
+        assert not (shipped(name) / FILES['tokenizer']).exists()
+        assert tokenizer_file(shipped(name)).resolve() == demo_tok.resolve()
+    monkeypatch.chdir(tmp_path)                      # no such folders here: the names mean the shipped runs
+    pipes = {n: Pipeline.from_run(n) for n in SHIPPED_RUNS}
+    assert {p.prior.arch for p in pipes.values()} == {'joint', 'paella', 'maskgit'}
+    assert load_tokenizer(shipped('paella_64')).config == load_tokenizer(demo_tok).config
+    run = tmp_path / 'mine'; shutil.copytree(shipped('paella_64'), run)
+    (run / FILES['tokenizer_ref']).write_text('../nowhere/tokenizer.safetensors')
+    with pytest.raises(InputError, match='tokenizer.ref names .*nowhere.* which does not exist'): Pipeline.from_run(run)
+    (run / FILES['tokenizer_ref']).unlink()
+    with pytest.raises(InputError, match='has no tokenizer.safetensors'): Pipeline.from_run(run)
+    shutil.copy(demo_tok, run / FILES['tokenizer'])  # its own copy wins over a shared one
+    assert Pipeline.from_run(run).prior.arch == 'paella'

@@ -10,6 +10,7 @@ from torch.testing import assert_close
 from dalle_course.core import InputError, seed_everything
 from dalle_course.prior import JointPrior, SeparatePrior
 from dalle_course.evaluation import teacher_forced_ce
+from dalle_course.runs import SamplingSettings
 from dalle_course.sampling import cached_logits, filter_logits, guide, sample
 
 L, H, W, V, K = 6, 4, 5, 15, 24
@@ -125,9 +126,11 @@ def test_filter_logits_brute_force_and_errors():
             for j in range(30):
                 assert (out[b, j] == x[j]) if j in keep else out[b, j] == float('-inf')
     assert torch.equal(l, l0)
+    m = _priors()[0]; text, _ = _inputs()
     for kw, word in [(dict(temperature=0), 'temperature'), (dict(top_k=0), 'top_k'), (dict(top_p=0), 'top_p'),
-                     (dict(top_p=1.5), 'top_p')]:
-        with pytest.raises(InputError, match=word): filter_logits(l, **kw)
+                     (dict(top_p=1.5), 'top_p'), (dict(guidance=float('inf')), 'guidance')]:
+        with pytest.raises(InputError, match=word): SamplingSettings(**kw)     # the settings are checked once,
+        with pytest.raises(InputError, match=word): sample(m, text, **kw)      # at the sampler's entry, not per token
 
 
 def test_given_errors_are_one_line():
