@@ -4,7 +4,7 @@
 
 # %% ../nbs/95_cli.ipynb #95_cli-002
 from __future__ import annotations
-import argparse, sys, time
+import argparse, sys
 from pathlib import Path  # no torch here: `dalle-course --help` answers without it
 
 # %% auto #0

@@ -4,7 +4,7 @@
 
 # %% ../nbs/33_cub.ipynb #33_cub-002
 from __future__ import annotations
-import json, math, re, time
+import json, re
 from collections import Counter
 from pathlib import Path
 
@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .clip import clip_scorer, load_clip_run
-from .core import InputError, get_device, image_grid, model_fingerprint, require as _check
+from .clip import clip_scorer
+from .core import InputError, image_grid, require as _check
 from .datasets import all_captions, open_dataset, split_train_test
 from .evaluation import bootstrap_ci, cics, teacher_forced_ce
 from .study import load_judged, real_image_ce

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import InputError, get_device, image_grid, seed_everything
+from .core import InputError, get_device, image_grid
 from .datasets import all_captions, open_dataset
 from .evaluation import following_table, plot_ce_distribution, plot_following, score_images
 from .mdmnist import DATA_FILES, parse_caption, write_mdmnist

@@ -4,14 +4,14 @@
 
 # %% ../nbs/31_paella.ipynb #31_paella-002
 from __future__ import annotations
-import math, time
+import math
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .core import InputError, autocast, progress, require as _check
+from .core import InputError, autocast, progress
 from .prior import Prior, TextEncoder, _check_text, _flat_image, _unpack, drop_text
 from .runs import SamplingSettings
 from .sampling import Guidance, eval_mode, filter_logits

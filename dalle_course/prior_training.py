@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 
 from .core import (MODELS, InputError, autocast, damaged, get_device, model_class, model_fingerprint,
-                               progress, read_json, require as _check, seed_everything)
+                               progress, read_json, require as _check)
 from .datasets import all_captions, dataset_fingerprint, image_size, split_train_test, text_spec, token_views
 from .evaluation import plot_ce_distribution, teacher_forced_ce
 from .image_tokenizer import ImageTokenizer, load_tokenizer
 from .learner import Stage, train_run
 from .pipeline import Pipeline
-from .prior import Prior, save_prior
+from .prior import save_prior
 from .runs import FILES, Recipe, RunOptions, RunResult, SamplingSettings, resolve_train
 from .text import TextTokenizer, fit_text_tokenizer
 

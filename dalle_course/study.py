@@ -4,7 +4,7 @@
 
 # %% ../nbs/29_study.ipynb #19eeb9a8
 from __future__ import annotations
-import json, time
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,7 @@ import torch
 from .clip import clip_scorer, load_clip_run, rerank_curve
 from .core import InputError, get_device, model_fingerprint, require as _check
 from .evaluation import (CTRS_M, bootstrap_ci, caption_following, cics, ctrs, following_by_combination, following_ci, paired_t_p,
-                                     plot_ce_distribution, sign_test_p, teacher_forced_ce)
+                                     sign_test_p, teacher_forced_ce)
 from .mdmnist import FIELDS, draw_attributes, captions as mdmnist_captions, generate_mdmnist, holdout_tokens, parse_holdout
 from .pipeline import Pipeline
 from .ruler import load_ruler
@@ -90,7 +90,7 @@ def evaluate_priors(runs: dict, clip_run=None, classifier=None, n: int = 1000, s
     JSON-able dict ('models', and 'comparison' for two priors) plus tensors under the key 'raw'."""
     _check(n >= 2, f"--n must be at least 2 (the tests need two prompts), got {n}")
     inputs = inputs or load_study_inputs(runs, clip_run, classifier, device)
-    priors, ruler, S, dev = inputs['priors'], inputs['ruler'], inputs['image_size'], inputs['device']
+    priors, ruler, S = inputs['priors'], inputs['ruler'], inputs['image_size']
     scorer = clip_scorer(inputs['clip'], inputs['clip_tok'])
     said, prompts = unseen_descriptions(n, seed)                            # (n, 3, 4) and their n captions
     real = generate_mdmnist(n, seed=seed + 104729, size=S, split='test')     # real test images for the CE
