@@ -415,23 +415,11 @@ def _training_args(p: argparse.ArgumentParser, out_help: str, presets: dict, res
     p.add_argument('--overwrite', action='store_true',
                    help='replace the run in --out: the files it wrote are deleted first (never any other file)')
 
-def _top_parser() -> argparse.ArgumentParser:
-    "The parser of `dalle-course --help` (and of a mistyped command): the subcommands by name, no library imported."
-    p = _Parser(prog=PROG, description=_DESCRIPTION)
-    sub = p.add_subparsers(dest='command', metavar='COMMAND', parser_class=_Parser)
-    sub.required = True
-    for name, help_ in COMMANDS.items(): sub.add_parser(name, help=help_, add_help=False)
-    return p
-
 _DESCRIPTION = ("Train, sample and evaluate DALL-E-style text-to-image models with discrete image tokens (the "
                 "dalle_course library's command line). `dalle-course COMMAND --help` tells more about each command.")
 
-def build_parser() -> argparse.ArgumentParser:
-    "The `dalle-course` argument parser with all its subcommands."
-    p = _Parser(prog=PROG, description=_DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = p.add_subparsers(dest='command', metavar='COMMAND', parser_class=_Parser)
-    sub.required = True
-
+def _add_data(sub):
+    "The parser of `dalle-course data`."
     data = sub.add_parser('data', help=COMMANDS['data'], description='Generate datasets.')
     dsub = data.add_subparsers(dest='dataset', metavar='DATASET', parser_class=_Parser); dsub.required = True
     md = dsub.add_parser('mdmnist', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -463,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument('--seed', type=int, default=0, help='random seed')
     cf.set_defaults(func=run_data_cub_fixture)
 
+def _add_train(sub):
+    "The parser of `dalle-course train`."
     tr = sub.add_parser('train', help=COMMANDS['train'], description='Train one stage of the pipeline '
                         'through the shared training loop; every run folder can be resumed with --resume.')
     tsub = tr.add_subparsers(dest='stage', metavar='STAGE', parser_class=_Parser); tsub.required = True
@@ -478,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
         _training_args(sp, out_help='run folder', presets=presets)
         sp.set_defaults(func=run_train)
 
+def _add_sample(sub):
+    "The parser of `dalle-course sample`."
     sm = sub.add_parser('sample', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                         help=COMMANDS['sample'],
                         description="Sample images for one prompt (--prompt) or many (--prompts FILE, one per line) "
@@ -506,6 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     _device_seed_args(sm)
     sm.set_defaults(func=run_sample)
 
+def _add_demo(sub):
+    "The parser of `dalle-course demo`."
     from dalle_course.demo import DEMO_PRESETS
     dm = sub.add_parser('demo', formatter_class=argparse.RawDescriptionHelpFormatter,
                         help=COMMANDS['demo'],
@@ -521,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     _device_seed_args(dm)
     dm.set_defaults(func=run_demo)
 
+def _add_bench(sub):
+    "The parser of `dalle-course bench`."
     be = sub.add_parser('bench', help=COMMANDS['bench'],
                         description='Train several variants on the same data and write comparison tables and plots '
                         '(tokenizers, samplers), or time training, generation and a tokenizer (train, generate, tokenizer).')
@@ -613,6 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument('--device', default=None, help='cuda, mps or cpu (default: the best available)')
     bk.set_defaults(func=run_bench_tokenizer)
 
+def _add_eval(sub):
+    "The parser of `dalle-course eval`."
     ev = sub.add_parser('eval', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                         help=COMMANDS['eval'],
                         description="Draw one image per unseen MD-MNIST test description with each prior (its run's "
@@ -641,6 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     _device_seed_args(ev)
     ev.set_defaults(func=run_eval)
 
+def _add_lessons(sub):
+    "The parser of `dalle-course lessons`."
     ls = sub.add_parser('lessons', formatter_class=argparse.ArgumentDefaultsHelpFormatter, help=COMMANDS['lessons'],
                         description="List the course's lessons. With --time, run each (a learner copy with the solutions kept, "
                         "in a temporary folder, slow cells skipped) and print a table of seconds: how long a lesson takes on this machine.")
@@ -648,6 +648,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument('--time', action='store_true', help='run the lessons and print how long each took')
     ls.set_defaults(func=run_lessons)
 
+def _add_exercises(sub):
+    "The parser of `dalle-course exercises`."
     ex = sub.add_parser('exercises', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                         help=COMMANDS['exercises'],
                         description="Copy the course notebooks with every solution block replaced by "
@@ -657,6 +659,19 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument('--overwrite', action='store_true', help='replace earlier copies this command wrote and you have not changed (changed ones are refused)')
     ex.add_argument('--solutions', action='store_true', help='keep the reference solutions in the copies (for teachers)')
     ex.set_defaults(func=run_exercises)
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The `dalle-course` argument parser. `only`: build that subcommand's parser alone (the others by name and help
+    only, so nothing of the library is imported for them); '' for none, which answers `dalle-course --help`."""
+    p = _Parser(prog=PROG, description=_DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest='command', metavar='COMMAND', parser_class=_Parser)
+    sub.required = True
+    adders = dict(data=_add_data, train=_add_train, sample=_add_sample, demo=_add_demo, bench=_add_bench, eval=_add_eval,
+                  lessons=_add_lessons, exercises=_add_exercises)
+    assert list(adders) == list(COMMANDS)
+    for name, add in adders.items():
+        if only is None or only == name: add(sub)
+        else: sub.add_parser(name, help=COMMANDS[name], add_help=False)
     return p
 
 # %% ../nbs/95_cli.ipynb #95_cli-008
@@ -664,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     "Entry point of the `dalle-course` console script; returns the exit status."
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith('-')), None)
-    args = (build_parser() if command in COMMANDS else _top_parser()).parse_args(argv)  # `--help`: no torch
+    args = build_parser(command if command in COMMANDS else '').parse_args(argv)  # `--help`: no torch
     from dalle_course.core import InputError  # the library (and torch) from here on
     try:
         return args.func(args)
