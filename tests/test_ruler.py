@@ -1,12 +1,13 @@
 """The attribute ruler (lesson 07) and the caption-following scores it feeds (lesson 25)."""
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 from helpers import cli, one_line_error
 
-from dalle_course.core import InputError
+from dalle_course.core import InputError, read_checkpoint_meta
 from dalle_course.evaluation import (CHANCE, background_level, caption_following, digit_box_mask, failure_reasons,
                                      following_table, score_images, score_reconstructions)
 from dalle_course.mdmnist import CANVAS_SIZES, FIELDS, POSITIONS, SIZES, digit_px, generate_mdmnist, slot_box, write_mdmnist
@@ -203,15 +204,71 @@ def test_tiny_training_learns_and_writes_a_run_folder(tmp_path):
     assert not (tmp_path / 'x').exists()
 
 
-def test_retraining_the_shipped_64px_ruler_reads_as_well(tmp_path):
-    """The recipe in data/README.md, run again: the ruler it makes reads the test split as well as the shipped one.
-    (About 12 minutes on two CPU cores: the one long test of the suite.)"""
-    write_mdmnist(tmp_path / 'train', n=20000, seed=0, size=64, split='train', show_progress=False)
-    write_mdmnist(tmp_path / 'test', n=2000, seed=1, size=64, split='test', show_progress=False)
-    torch.set_num_threads(max(1, min(2, __import__('os').cpu_count() or 1)))
-    res = train_ruler('cnn', tmp_path / 'train', 'ruler', test=tmp_path / 'test')
+@pytest.mark.parametrize('S', CANVAS_SIZES)
+def test_the_shipped_rulers_were_trained_with_the_ruler_preset(S):
+    """Each shipped checkpoint records the recipe it was trained with: it must be what the `ruler` preset resolves to
+    today, with the numbers data/README.md documents. A changed preset no longer makes the shipped rulers."""
+    rec = read_checkpoint_meta(SHIPPED_RULERS[S])['config']['recipe']
+    assert rec == resolve_ruler_recipe('cnn', 'ruler', S, 20000).to_dict()
+    t = rec['train']
+    assert (rec['kind'], rec['preset'], rec['n_train']) == ('cnn', 'ruler', 20000)
+    assert rec['model'] == dict(image_size=S, width=24, hidden=128, dropout=0.2)
+    assert (t['steps'], t['batch_size'], t['lr'], t['lr_schedule'], t['warmup'], t['seed']) == (3000, 64, 3e-3, 'warmup_cosine', 150, 0)
+    assert rec['hparams']['jitter'] == {'kind': 'constant', 'v': 1.0}                   # jitter on for the whole run
+
+
+SHORT_RUN = dict(steps=200, batch_size=32, overrides={'model': {'width': 8}})
+# Floors for the short run, per attribute type, on clean test images and on the same images under a haze of 0.04.
+# Measured (seeds 0-3, clean and hazy): value 0.52-0.55, size 0.91-0.96, colour >= 0.999, position 1.0; majority-class
+# chance on this test split: 0.11, 0.34, 0.27, 0.35. Planted breakages that train but learn nothing (labels shuffled in
+# the batch, field slices of the logits rotated, slots scrambled by the jitter's reshape, lr / 100, a warmup that never
+# ends) read value <= 0.12; size and position labels swapped read both at 0.34; no jitter in training reads hazy sizes
+# at 0.35, geometric jitter only hazy values at 0.18. Schedule slips that still learn (no warmup, the unscaled warmup of
+# 150 steps, a cosine over the preset's 3000 steps) fail the LR check; jitter at test time fails the eval-vs-read check.
+SHORT_RUN_FLOOR = {'value': 0.35, 'size': 0.8, 'colour': 0.95, 'position': 0.95}
+
+
+def test_a_short_run_of_the_ruler_recipe_learns_every_attribute(tmp_path):
+    """The `ruler` preset (its loss, jitter, AdamW, warmup + cosine LR, hidden width, dropout) for 200 steps of 32 on
+    2000 images, with a trunk of width 8 instead of 24 (about 20 s; the full 3000-step run takes ~12 min on two cores,
+    see data/README.md, and its recipe is pinned by the test above). A broken recipe fails here: the held-out reading
+    stays near chance, the LR leaves the preset's shape, the learner's eval disagrees with `read`, or a haze well
+    inside the jitter's range (0.04 of 0.08) throws the ruler."""
+    write_mdmnist(tmp_path / 'train', n=2000, seed=0, size=64, split='train', show_progress=False)
+    write_mdmnist(tmp_path / 'test', n=512, seed=1, size=64, split='test', show_progress=False)
+    class Keep:                                                                  # the learner's settings, for its eval set
+        def after_fit(self, learner, summary): self.cfg = learner.cfg
+    keep = Keep()
+    res = train_ruler('cnn', tmp_path / 'train', 'ruler', test=tmp_path / 'test', callbacks=(keep,), **SHORT_RUN)
+    p, steps = RULER_PRESETS['ruler'], SHORT_RUN['steps']
+    # the preset's recipe, shortened: only steps, batch and trunk width differ
+    assert res.recipe.model == dict(image_size=64, **{**p['model'], 'width': 8})
+    assert res.recipe.hparams['jitter'] == {'kind': 'constant', 'v': 1.0}
+    # LR: linear 0 -> peak over the preset's warmup share of the run, half-cosine to 0 at the last step (update s uses lr(s))
+    w = round(p['warmup'] * steps / p['steps'])
+    lr = lambda s: p['lr'] * s / w if s < w else p['lr'] * 0.5 * (1 + math.cos(math.pi * (s - w) / (steps - w)))  # noqa: E731
+    logged = [(r['step'], r['lr']) for r in res.records if r['split'] == 'train']
+    assert len(logged) >= steps // 10 and logged[-1][0] == steps
+    for step, got in logged: assert got == pytest.approx(lr(step - 1), rel=1e-6, abs=1e-12), (step, got, lr(step - 1))
+    # held out: far above chance, on clean images and through a haze the photometric jitter covers
     from dalle_course.mdmnist import MDMNIST
-    shipped = attribute_accuracy(load_ruler(image_size=64).read(torch.stack([MDMNIST(tmp_path / 'test')[i]['image'] for i in range(2000)])),
-                                 torch.from_numpy(MDMNIST(tmp_path / 'test').attributes))
+    te = MDMNIST(tmp_path / 'test')
+    x, a = torch.stack([te[i]['image'] for i in range(len(te))]), torch.from_numpy(te.attributes)
+    chance = {f: float(torch.bincount(a[..., i].flatten()).max()) / a[..., i].numel() for i, f in enumerate(FIELDS)}
+    r = res['ruler']
+    clean, hazy = attribute_accuracy(r.read(x), a), attribute_accuracy(r.read((x + 0.04).clamp(0, 1)), a)
+    assert {f: clean[f] for f in FIELDS} == {f: res['test'][f] for f in FIELDS}
     for f in FIELDS:
-        assert abs(res['test'][f] - shipped[f]) <= (0.01 if f == 'value' else 0.005), (f, res['test'][f], shipped[f])
+        assert SHORT_RUN_FLOOR[f] >= chance[f] + 0.2, (f, chance)                       # the floors mean something
+        assert clean[f] >= SHORT_RUN_FLOOR[f], ('clean', f, clean, chance)
+        assert hazy[f] >= SHORT_RUN_FLOOR[f], ('haze 0.04', f, hazy, chance)
+    # reading is deterministic (no jitter, dropout or batch statistics at test time, even from train mode) and the
+    # learner's eval, which runs the loss in eval mode on its fixed first test batches, counts what read() counts there
+    first = r.read(x[:64]); r.train()
+    assert torch.equal(r.read(x[:64]), first) and torch.equal(r.read(x[:64]), first) and r.training
+    r.eval()
+    ev = [rec for rec in res.records if rec['split'] == 'eval'][-1]
+    n = min(len(te), keep.cfg.eval_batches * keep.cfg.batch_size)
+    sub = attribute_accuracy(r.read(x[:n]), a[:n])
+    assert ev['step'] == steps
+    for f in FIELDS: assert ev['metrics'][f'acc_{f}'] == pytest.approx(sub[f], abs=1e-6), (f, ev['metrics'], sub)
