@@ -16,6 +16,7 @@ from torch import nn
 from .core import InputError, autocast, get_device
 from .prior import JointPrior, SeparatePrior
 from .sampling import sample
+from .transformer import KVCache
 
 # %% auto #0
 __all__ = ['BENCH_CONFIGS', 'synchronize', 'time_steps', 'matmul_peak', 'peak_memory', 'matmul_params', 'train_flops_per_token',
@@ -89,7 +90,8 @@ class StaticDecoder(nn.Module):
         self.T = self.tr.max_len  # cache slots: every position the stream can hold
         attn = self.tr.blocks[0].attn
         self.H, self.d = attn.h, attn.d
-        self.compile, self._fn, self._rows = compile, None, None
+        self.caches = [KVCache(self.T) for _ in self.tr.blocks]  # lesson 22's cache, one per layer, T slots each
+        self.pos, self.compile, self._fn = None, compile, None
         self.step_times = None  # a list to record each step's seconds in (synchronised), or None
 
     # what `sample` reads from a prior
@@ -103,14 +105,6 @@ class StaticDecoder(nn.Module):
     def image_vocab(self) -> int: return self.prior.image_vocab
     def null_text(self, B: int) -> torch.Tensor: return self.prior.null_text(B)
 
-    def _allocate(self, R: int, device, dtype):
-        "Buffers for R rows: per layer keys (R*H, d, T) transposed, values (R*H, T, d), zero so unwritten slots stay finite."
-        H, d, T, n = self.H, self.d, self.T, len(self.tr.blocks)
-        self.kt = [torch.zeros(R * H, d, T, device=device, dtype=dtype) for _ in range(n)]
-        self.v = [torch.zeros(R * H, T, d, device=device, dtype=dtype) for _ in range(n)]
-        self.pos = torch.zeros(1, dtype=torch.long, device=device)  # the image index of the token being fed
-        self._rows = (R, device, dtype)
-
     def _fuse(self):
         "Current weights -> q|k|v in one (D, 3D) matrix (q scaled by 1/sqrt(d)) per layer, and the additive mask rows."
         s = self.d ** -0.5
@@ -123,16 +117,16 @@ class StaticDecoder(nn.Module):
         self.bias = [_additive(self.tr.mask(i), self.T, dev) for i in range(len(self.tr.blocks))]  # (T, T) each
 
     def prefix(self, text: torch.Tensor) -> tuple[dict, torch.Tensor]:
-        "Start decoding `text` (R, L): the prior's own prefix, its keys and values copied into the static buffers."
+        """Start decoding `text` (R, L): the prior's own prefix, its keys and values appended to this decoder's caches
+        (kept from call to call while R, device and dtype stay: the step's tensors keep their storage)."""
         state, logits = self.prior.prefix(text)
         R, H, d = text.shape[0], self.H, self.d
-        k0 = state['cache'][0]['self'].k
-        if self._rows != (R, k0.device, k0.dtype): self._allocate(R, k0.device, k0.dtype)
         self._fuse()
-        for l, c in enumerate(state['cache']):
+        for mine, c in zip(self.caches, state['cache']):
             n0 = len(c['self'])
-            self.kt[l][:, :, :n0] = c['self'].k[:, :, :n0].reshape(R * H, n0, d).transpose(1, 2)
-            self.v[l][:, :n0] = c['self'].v[:, :, :n0].reshape(R * H, n0, d)
+            mine.clear(); mine.append(c['self'].k[:, :, :n0], c['self'].v[:, :, :n0])  # (R, H, T, d) buffers, n0 written
+        if self.pos is None or self.pos.device != logits.device:
+            self.pos = torch.zeros(1, dtype=torch.long, device=logits.device)  # the image index of the token being fed
         self.cross = [None if c['cross'].k is None else  # G2: the text's keys (R*H, d, S) and values (R*H, S, d)
                       (c['cross'].k.reshape(R * H, -1, d).transpose(1, 2).contiguous(), c['cross'].v.reshape(R * H, -1, d))
                       for c in state['cache']]
@@ -141,15 +135,16 @@ class StaticDecoder(nn.Module):
     def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         "Feed tokens `tok` (R,) at image index `pos` (1,) long; write their keys and values; logits (R, K) of the next."
         p, H, d = self.prior, self.H, self.d
-        R, D = tok.shape[0], H * d
+        R, D, T = tok.shape[0], H * d, self.T
         e, a = pos + self.emb_off, pos + self.abs_off  # (1,): image position, stream position
         x = p.image_emb(tok) + p.image_pos.row[e // p.w] + p.image_pos.col[e % p.w]  # (R, D)
         for l, blk in enumerate(self.tr.blocks):
-            qkv = torch.addmm(self.b_qkv[l], blk.ln1(x), self.w_qkv[l]).view(R, 3, H, d)  # (R, 3, H, d)
-            self.kt[l].index_copy_(2, a, qkv[:, 1].reshape(R * H, d, 1))  # the new key into slot a
-            self.v[l].index_copy_(1, a, qkv[:, 2].reshape(R * H, 1, d))
-            s = torch.baddbmm(self.bias[l].index_select(0, a)[None], qkv[:, 0].reshape(R * H, 1, d), self.kt[l])  # (RH, 1, T)
-            x = x + blk.attn.out(torch.bmm(s.softmax(-1), self.v[l]).view(R, D))
+            c = self.caches[l]
+            qkv = torch.addmm(self.b_qkv[l], blk.ln1(x), self.w_qkv[l]).view(R, 3, H, 1, d)  # (R, 3, H, 1, d)
+            c.write(a, qkv[:, 1], qkv[:, 2])  # the new key and value into slot a of every row and head
+            kt = c.k.view(R * H, T, d).transpose(1, 2)  # (RH, d, T): a view, no copy
+            s = torch.baddbmm(self.bias[l].index_select(0, a)[None], qkv[:, 0].reshape(R * H, 1, d), kt)  # (RH, 1, T)
+            x = x + blk.attn.out(torch.bmm(s.softmax(-1), c.v.view(R * H, T, d)).view(R, D))
             if blk.cross:  # G2: attend to the encoded text, keys and values computed once in prefix
                 kt, v = self.cross[l]
                 q = blk.xattn.q(blk.ln_x(x)).view(R * H, 1, d)

@@ -20,7 +20,9 @@ __all__ = ['KVCache', 'MultiHeadAttention', 'Block', 'TextPositions', 'ImagePosi
 
 # %% ../nbs/22_transformer.ipynb #22_transformer-005
 class KVCache:
-    "Past keys and values of one attention layer, `k`, `v` of shape (B, H, T_past, d); preallocated if `max_len`."
+    """Past keys and values of one attention layer, `k`, `v` of shape (B, H, T_past, d). With `max_len` the buffers
+    (B, H, max_len, d) are allocated once, zero-filled, and written in place: by `append` (lesson 24's sampler) or, one
+    position at a tensor index, by `write` (lesson 32's static decoding step)."""
     def __init__(self, max_len: int | None = None):
         self.max_len, self.k, self.v, self.n = max_len, None, None, 0
 
@@ -36,12 +38,25 @@ class KVCache:
             return self.k, self.v
         if m > self.max_len:
             raise InputError(f"KV cache holds at most {self.max_len} positions but {m} were given; build it with a larger max_len")
-        if self.k is None:  # allocate once: (B, H, max_len, d)
-            self.k = k.new_empty(*k.shape[:2], self.max_len, k.shape[3])
-            self.v = v.new_empty(*v.shape[:2], self.max_len, v.shape[3])
+        shape = (*k.shape[:2], self.max_len, k.shape[3])
+        if self.k is None or self.k.shape != shape or self.k.dtype != k.dtype or self.k.device != k.device:
+            self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)  # allocated once: zeros, so unwritten slots stay finite
         self.k[:, :, self.n:m] = k; self.v[:, :, self.n:m] = v  # written in place
         self.n = m
         return self.k[:, :, :m], self.v[:, :, :m]
+
+    def write(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write one position's `k`, `v` (B, H, 1, d) into slot `pos`, a (1,) long tensor, of the preallocated buffers,
+        in place. Shapes never change and the position is data, not a Python number, so a compiled step (or a CUDA graph)
+        that calls it stays valid for every position. The caller attends over all `max_len` slots with a mask row that
+        hides those not yet written; `len()` is not advanced (it would need the position back on the host)."""
+        if self.max_len is None or self.k is None:
+            raise InputError("write() fills a preallocated cache: build KVCache(max_len) and append() the prefix first")
+        self.k.index_copy_(2, pos, k); self.v.index_copy_(2, pos, v)
+
+    def clear(self) -> None:
+        "Forget every position; preallocated buffers are kept (and reused by the next `append` of the same shape)."
+        self.n = 0
 
     def set(self, k: torch.Tensor, v: torch.Tensor) -> None:
         "Store a fixed `k`, `v` (cross-attention context) once."

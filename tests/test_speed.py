@@ -53,11 +53,15 @@ def test_static_cache_keeps_its_buffers_and_changes_no_weights():
     dec = StaticDecoder(prior)
     text = torch.randint(1, 40, (2, 6))
     state, _ = dec.prefix(text)
-    ptrs = [t.data_ptr() for t in dec.kt + dec.v] + [dec.pos.data_ptr()]
-    shapes = [tuple(t.shape) for t in dec.kt + dec.v]
+    bufs = lambda: [t for c in dec.caches for t in (c.k, c.v)]  # noqa: E731  lesson 22's KVCache buffers, (R, H, T, d)
+    ptrs = [t.data_ptr() for t in bufs()] + [dec.pos.data_ptr()]
+    shapes = [tuple(t.shape) for t in bufs()]
+    assert shapes == [(2, prior.transformer.blocks[0].attn.h, prior.transformer.max_len, prior.transformer.blocks[0].attn.d)] * len(shapes)
     dec.extend(state, torch.randint(0, 12, (2, 15)))  # every token that can be fed
-    assert [t.data_ptr() for t in dec.kt + dec.v] + [dec.pos.data_ptr()] == ptrs  # written in place, never reallocated
-    assert [tuple(t.shape) for t in dec.kt + dec.v] == shapes
+    assert [t.data_ptr() for t in bufs()] + [dec.pos.data_ptr()] == ptrs  # written in place, never reallocated
+    assert [tuple(t.shape) for t in bufs()] == shapes
+    dec.prefix(torch.randint(1, 40, (2, 6)))                              # the next batch of the same size reuses them
+    assert [t.data_ptr() for t in bufs()] + [dec.pos.data_ptr()] == ptrs
     with pytest.raises(InputError, match='static cache holds'): dec.extend(state, torch.zeros(2, 1, dtype=torch.long))
     assert all(torch.equal(v, prior.state_dict()[k]) for k, v in before.items())
 

@@ -104,6 +104,22 @@ def test_preallocated_cache_in_place_and_overflow():
     with pytest.raises(InputError): c.append(k[:, :, :1], k[:, :, :1])
 
 
+def test_static_write_fills_one_slot_in_place_and_clear_keeps_the_buffers():
+    c = KVCache(max_len=6)
+    with pytest.raises(InputError, match='preallocated'): c.write(torch.tensor([0]), torch.zeros(1, 2, 1, 5), torch.zeros(1, 2, 1, 5))
+    k = torch.randn(1, 2, 3, 5)
+    c.append(k, -k)
+    assert torch.equal(c.k[:, :, 3:], torch.zeros(1, 2, 3, 5))           # unwritten slots hold zeros, never garbage
+    buf, new = c.k, torch.randn(1, 2, 1, 5)
+    c.write(torch.tensor([4]), new, 2 * new)                               # slot 4, not slot 3: the position is data
+    assert c.k is buf and torch.equal(c.k[:, :, 4:5], new) and torch.equal(c.v[:, :, 4:5], 2 * new)
+    assert torch.equal(c.k[:, :, :3], k) and torch.equal(c.k[:, :, 3], torch.zeros(1, 2, 5)) and len(c) == 3
+    c.clear(); kk, _ = c.append(k[:, :, :1], k[:, :, :1])
+    assert len(c) == 1 and c.k is buf and kk.shape == (1, 2, 1, 5)        # same shape: the buffers are reused
+    c.clear(); c.append(torch.randn(3, 2, 1, 5), torch.randn(3, 2, 1, 5))
+    assert c.k.shape == (3, 2, 6, 5) and c.k is not buf                    # more rows: allocated anew
+
+
 @pytest.mark.parametrize('kind', ['row', 'column', 'conv'])
 def test_no_future_leak(kind):
     torch.manual_seed(3)
