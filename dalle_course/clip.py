@@ -19,18 +19,18 @@ from .datasets import all_captions, dataset_fingerprint, image_size as dataset_i
 from .evaluation import _pair_scores, caption_following, perturb_attributes
 from .image_tokenizer import ImageTokenizer, load_tokenizer
 from .learner import Stage, train_run
-from .masks import PadEmbedding
 from .mdmnist import FIELDS, N_SLOTS, caption, parse_caption
+from .prior import TextEncoder
 from .runs import FILES, Recipe, RunOptions, RunResult, resolve_train
 from .text import fit_text_tokenizer, load_text_tokenizer
-from .transformer import ImagePositions, TextPositions, Transformer
+from .transformer import ImagePositions, Transformer
 
 # %% auto #0
 __all__ = ['MAX_LOGIT_SCALE', 'INIT_LOGIT_SCALE', 'STEMS', 'NEGATIVE_KINDS', 'THESIS_TABLE8_CLIP', 'CLIP_KINDS', 'CLIP_PRESETS',
-           'PATCH_PX', 'CLIP_FILE', 'SHIPPED_CLIP_RUN', 'SAME_CLIP_RUN', 'ViTEncoder', 'TextEncoder', 'CLIP',
-           'contrastive_loss', 'clip_loss', 'hard_negative', 'reconstruct', 'ClipPairs', 'resolve_clip_recipe',
-           'embed_images', 'embed_texts', 'clip_scorer', 'clip_score', 'retrieval', 'binding_accuracy', 'evaluate_clip',
-           'train_clip', 'load_clip_run', 'rerank_curve', 'plot_rerank']
+           'PATCH_PX', 'CLIP_FILE', 'SHIPPED_CLIP_RUN', 'SAME_CLIP_RUN', 'ViTEncoder', 'CLIP', 'contrastive_loss',
+           'clip_loss', 'hard_negative', 'reconstruct', 'ClipPairs', 'resolve_clip_recipe', 'embed_images',
+           'embed_texts', 'clip_scorer', 'clip_score', 'retrieval', 'binding_accuracy', 'evaluate_clip', 'train_clip',
+           'load_clip_run', 'rerank_curve', 'plot_rerank']
 
 # %% ../nbs/28_clip.ipynb #b923d7c1
 MAX_LOGIT_SCALE = math.log(100.0)   # CLIP clips the temperature so logits are scaled by at most 100
@@ -70,22 +70,11 @@ class ViTEncoder(nn.Module):
         x = torch.cat([self.cls.expand(len(x), 1, -1), x], 1)                # (B, 1 + g*g, D)
         return self.transformer(x)[:, 0]                                     # (B, D) the class token's output
 
-class TextEncoder(nn.Module):
-    "Caption tokens (B, L) -> representations (B, D): tokens with per-position pads, 1-D positions, a class token."
-    def __init__(self, vocab_size: int, text_len: int, dim: int, depth: int, n_heads: int, mlp_ratio: int,
-                 dropout: float, pad_id: int = 0):
-        super().__init__()
-        self.text_len = text_len
-        self.emb, self.pos = PadEmbedding(vocab_size, text_len, dim, pad_id), TextPositions(text_len, dim)
-        self.cls = nn.Parameter(torch.randn(dim) * 0.02)
-        self.transformer = Transformer(dim, depth, n_heads, None, mlp_ratio, dropout)
-
-    def forward(self, text: torch.Tensor) -> torch.Tensor:
-        if text.ndim != 2 or text.shape[1] != self.text_len:
-            raise InputError(f"text has shape {tuple(text.shape)}, expected (B, {self.text_len}); encode it with this CLIP's text tokenizer")
-        x = self.emb(text) + self.pos(self.text_len)                         # (B, L, D)
-        x = torch.cat([self.cls.expand(len(x), 1, -1), x], 1)                # (B, 1 + L, D)
-        return self.transformer(x)[:, 0]                                     # (B, D)
+def _old_text_keys(module, state, prefix, *_):
+    "CLIP checkpoints saved before the text side was lesson 23's `TextEncoder`: `textual.emb/pos/transformer` -> `text_emb/text_pos/encoder`."
+    for old, new in (('emb.', 'text_emb.'), ('pos.', 'text_pos.'), ('transformer.', 'encoder.')):
+        for k in [k for k in state if k.startswith(prefix + 'textual.' + old)]:
+            state[prefix + 'textual.' + new + k[len(prefix + 'textual.' + old):]] = state.pop(k)
 
 class CLIP(nn.Module):
     "A CLIP: image and text encoders, linear projections to `embed_dim`, L2-normalised embeddings, a learnable temperature."
@@ -99,9 +88,10 @@ class CLIP(nn.Module):
                            pad_id=pad_id, stem=stem)
         self.image_size, self.text_len, self.pad_id = image_size, text_len, pad_id
         self.visual = ViTEncoder(image_size, grid, dim, depth, n_heads, mlp_ratio, dropout, stem)
-        self.textual = TextEncoder(text_vocab, text_len, dim, depth, n_heads, mlp_ratio, dropout, pad_id)
+        self.textual = TextEncoder(text_vocab, text_len, dim, depth, n_heads, mlp_ratio, dropout, pad_id, pool=True)  # lesson 23's
         self.image_proj, self.text_proj = nn.Linear(dim, embed_dim, bias=False), nn.Linear(dim, embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE))
+        self.register_load_state_dict_pre_hook(_old_text_keys)
 
     def scale(self) -> torch.Tensor:
         "exp(s) with s clamped to [0, log 100]: the factor on the cosines."

@@ -98,7 +98,7 @@ def _flat_image(image_tokens: torch.Tensor, n: int) -> torch.Tensor:
     return x
 
 def _check_text(text: torch.Tensor, L: int):
-    if text.ndim != 2 or text.shape[1] != L: raise InputError(f"text has shape {tuple(text.shape)}, expected (B, {L}); pad or truncate with encode_batch(..., length={L})")
+    if text.ndim != 2 or text.shape[1] != L: raise InputError(f"text has shape {tuple(text.shape)}, expected (B, {L}); encode it with the model's text tokenizer, padded or truncated to {L} (encode_batch(..., length={L}))")
 
 
 class JointPrior(AutoregressivePrior):
@@ -179,18 +179,23 @@ def prior_loss(model: nn.Module, batch, hp: dict | None = None) -> tuple[torch.T
 
 # %% ../nbs/23_prior.ipynb #23_prior-028
 class TextEncoder(nn.Module):
-    "G2's text encoder: pad-aware token embedding + learned positions + a bidirectional transformer (lesson 31's U-Nets read it too)."
+    """The course's one text encoder: pad-aware token embedding + learned positions + a bidirectional transformer.
+    G2 reads every position (lesson 31's U-Nets too); with `pool=True` a learned class token goes in front and its
+    output is the caption's one vector (CLIP's text side, lesson 28)."""
     def __init__(self, text_vocab: int, text_len: int, dim: int, depth: int, n_heads: int, mlp_ratio: int = 4,
-                 dropout: float = 0.0, pad_id: int = 0):
+                 dropout: float = 0.0, pad_id: int = 0, pool: bool = False):
         super().__init__()
-        self.text_len = text_len
+        self.text_len, self.pool = text_len, pool
         self.text_emb, self.text_pos = PadEmbedding(text_vocab, text_len, dim, pad_id), TextPositions(text_len, dim)
+        if pool: self.cls = nn.Parameter(torch.randn(dim) * 0.02)  # the class token
         self.encoder = Transformer(dim, depth, n_heads, None, mlp_ratio, dropout)  # bidirectional: no mask
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
-        "Text `(B, L)` -> encoded text `(B, L, D)`."
+        "Text `(B, L)` -> encoded text `(B, L, D)`; with `pool`, the class token's output `(B, D)`."
         _check_text(text, self.text_len)
-        return self.encoder(self.text_emb(text) + self.text_pos(self.text_len))
+        x = self.text_emb(text) + self.text_pos(self.text_len)  # (B, L, D)
+        if not self.pool: return self.encoder(x)
+        return self.encoder(torch.cat([self.cls.expand(len(x), 1, -1), x], 1))[:, 0]  # (B, 1 + L, D) -> (B, D)
 
 
 def _old_encoder_keys(module, state, prefix, *_):

@@ -375,3 +375,21 @@ def test_sign_test_is_fast_at_the_thesis_scale_and_checks_its_counts():
     with pytest.raises(InputError, match='0 <= k <= n'): sign_test_p(5, 3)
     assert math.isnan(t_test_p(float('nan'), 5))
     with pytest.raises(InputError, match='n > 0'): following_ci(torch.zeros(0, 3, 4), torch.zeros(0, 3, 4))
+
+
+def test_clip_text_side_is_the_course_text_encoder_and_old_checkpoints_load():
+    """CLIP's text side is lesson 23's TextEncoder with a class token (one text encoder in the library); checkpoints
+    written with the older names (textual.emb / pos / transformer) load into it unchanged."""
+    from dalle_course.prior import TextEncoder
+    torch.manual_seed(0)
+    m = CLIP(text_vocab=21, text_len=12, dim=32, depth=1, n_heads=2, embed_dim=16).eval()
+    assert type(m.textual) is TextEncoder and m.textual.pool
+    old = {k.replace('textual.text_emb.', 'textual.emb.').replace('textual.text_pos.', 'textual.pos.')
+            .replace('textual.encoder.', 'textual.transformer.'): v.clone() for k, v in m.state_dict().items()}
+    assert any(k.startswith('textual.transformer.') for k in old)
+    torch.manual_seed(1)
+    n = CLIP(text_vocab=21, text_len=12, dim=32, depth=1, n_heads=2, embed_dim=16).eval()
+    n.load_state_dict(old)                                                  # strict: every old key finds its place
+    t = torch.randint(1, 21, (3, 12))
+    with torch.no_grad(): assert torch.equal(n.encode_text(t), m.encode_text(t))
+    with pytest.raises(InputError, match='text tokenizer'): m.encode_text(t[:, :5])
