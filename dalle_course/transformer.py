@@ -39,8 +39,12 @@ class KVCache:
         if m > self.max_len:
             raise InputError(f"KV cache holds at most {self.max_len} positions but {m} were given; build it with a larger max_len")
         shape = (*k.shape[:2], self.max_len, k.shape[3])
-        if self.k is None or self.k.shape != shape or self.k.dtype != k.dtype or self.k.device != k.device:
-            self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)  # allocated once: zeros, so unwritten slots stay finite
+        fits = self.k is not None and (self.k.shape, self.k.dtype, self.k.device) == (shape, k.dtype, k.device)
+        if self.k is None or (self.n == 0 and not fits):  # allocated once (again only after clear): zeros keep unwritten slots finite
+            self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
+        elif (self.k.shape, self.k.device) != (shape, k.device):  # (another dtype is cast on writing, as before)
+            raise InputError(f"KV cache holds {len(self)} positions of shape {tuple(self.k.shape[:2])} x d={self.k.shape[3]} ({self.k.dtype}); "
+                             f"new keys are {tuple(k.shape)} ({k.dtype}): clear() it or build a new cache for another batch")
         self.k[:, :, self.n:m] = k; self.v[:, :, self.n:m] = v  # written in place
         self.n = m
         return self.k[:, :, :m], self.v[:, :, :m]

@@ -118,6 +118,8 @@ def test_static_write_fills_one_slot_in_place_and_clear_keeps_the_buffers():
     assert len(c) == 1 and c.k is buf and kk.shape == (1, 2, 1, 5)        # same shape: the buffers are reused
     c.clear(); c.append(torch.randn(3, 2, 1, 5), torch.randn(3, 2, 1, 5))
     assert c.k.shape == (3, 2, 6, 5) and c.k is not buf                    # more rows: allocated anew
+    with pytest.raises(InputError, match='clear'): c.append(torch.randn(2, 2, 1, 5), torch.randn(2, 2, 1, 5))  # history kept
+    assert len(c) == 1 and c.k.shape == (3, 2, 6, 5)
 
 
 @pytest.mark.parametrize('kind', ['row', 'column', 'conv'])
