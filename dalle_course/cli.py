@@ -8,9 +8,10 @@ import argparse, sys
 from pathlib import Path  # no torch here: `dalle-course --help` answers without it
 
 # %% auto #0
-__all__ = ['PROG', 'TRAIN_COMMANDS', 'SAMPLE_SUFFIXES', 'COMMANDS', 'run_data_mdmnist', 'run_data_cub_fixture', 'run_train',
-           'run_sample', 'run_demo', 'run_eval', 'run_bench_tokenizers', 'run_bench_samplers', 'run_bench_train',
-           'run_bench_generate', 'run_bench_tokenizer', 'run_exercises', 'run_lessons', 'build_parser', 'main']
+__all__ = ['PROG', 'TRAIN_COMMANDS', 'SAMPLE_SUFFIXES', 'SAMPLE_MARK', 'COMMANDS', 'run_data_mdmnist', 'run_data_cub_fixture',
+           'run_train', 'run_sample', 'run_demo', 'run_eval', 'run_bench_tokenizers', 'run_bench_samplers',
+           'run_bench_train', 'run_bench_generate', 'run_bench_tokenizer', 'run_exercises', 'run_lessons',
+           'build_parser', 'main']
 
 # %% ../nbs/95_cli.ipynb #95_cli-004
 PROG = 'dalle-course'
@@ -22,6 +23,8 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 def _fail(message: str) -> int:
+    message = ' '.join(str(message).split())  # one line
+    if len(message) > 1000: message = f"{message[:600]} [...] {message[-300:]}"  # a long quoted input stays readable
     sys.stderr.write(f"{PROG}: error: {message}\n")
     return 2
 
@@ -156,11 +159,17 @@ def run_train(args) -> int:
 def _read_prompts(args) -> list[str]:
     if getattr(args, 'data', None) is not None: return []  # drawn from the dataset's test split once the prior is loaded
     if args.prompts is not None:
+        if args.prompts.is_dir(): raise _error(f"--prompts {args.prompts} is a folder; pass a text file with one description per line")
         if not args.prompts.is_file(): raise _error(f"no prompts file at {args.prompts}; pass a text file with one description per line")
-        return [l.strip() for l in args.prompts.read_text().splitlines() if l.strip()]
+        try: text = args.prompts.read_bytes().decode('utf-8-sig')  # a byte-order mark is not part of the first word
+        except UnicodeDecodeError as e:
+            raise _error(f"--prompts {args.prompts} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                         f"save it as UTF-8") from None
+        return [l.strip() for l in text.splitlines() if l.strip()]
     return [args.prompt]
 
 SAMPLE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.pdf', '.svg', '.npz')  # a captioned grid, or (.npz) the raw images
+SAMPLE_MARK = 'dalle-course sample'  # in the file's metadata: only such a file is replaced by --overwrite
 
 def run_sample(args) -> int:
     "Sample images for prompts from a trained prior; save a captioned grid, or (.npz) the raw images and their prompts."
@@ -168,26 +177,29 @@ def run_sample(args) -> int:
     import numpy as np
     from dalle_course.core import to_uint8_hwc, write_bytes_atomic
     from dalle_course.pipeline import Pipeline
-    from dalle_course.runs import check_output_file
+    from dalle_course.runs import check_output_file, mark_metadata
     prompts = _read_prompts(args)
-    check_output_file(args.out, '--out', SAMPLE_SUFFIXES, args.overwrite,
+    replace = args.out.exists()  # with --overwrite, a file an earlier `sample` wrote; otherwise the name must stay free
+    check_output_file(args.out, '--out', SAMPLE_SUFFIXES, args.overwrite, written_by=SAMPLE_MARK,
                       example='grid.png for a captioned grid, or samples.npz for the raw images')
     pipe = Pipeline.from_run(args.prior, args.device)
     if args.data is not None:  # free text (CUB): test captions, cut to the prior's text length as training cut them
         from dalle_course.cub import fit_prompts, test_prompts
         from dalle_course.datasets import open_dataset
-        _, caps = test_prompts(open_dataset(args.data), pipe.tokenizer.image_size, args.n_prompts, args.seed)
+        from dalle_course.pipeline import check_prompt_source
+        data = open_dataset(args.data)
+        check_prompt_source(pipe.text_tokenizer, data)  # MD-MNIST descriptions for a CUB prior: every word unknown
+        _, caps = test_prompts(data, pipe.tokenizer.image_size, args.n_prompts, args.seed)
         prompts = fit_prompts(pipe.text_tokenizer, caps, pipe.prior.text_len)
     given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, guidance=args.guidance, steps=args.steps)
     pipe.prior.check_options(pipe.settings(**given).options())  # e.g. --steps for a G1: one line, before any drawing
     fig, drawn = pipe.figure(prompts, n=args.n, seed=args.seed, batch_size=args.batch_size, show_progress=True, **given)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
     if args.out.suffix.lower() == '.npz':
-        buf = io.BytesIO()
         np.savez_compressed(buf, images=to_uint8_hwc(drawn.images), prompts=np.array(drawn.prompts),
-                            sampling=np.array(json.dumps(drawn.settings.to_dict())))
-        write_bytes_atomic(args.out, buf.getvalue())
-    else: fig.savefig(args.out, dpi=100)
+                            sampling=np.array(json.dumps(drawn.settings.to_dict())), written_by=np.array(SAMPLE_MARK))
+    else: fig.savefig(buf, format=args.out.suffix.lower()[1:], dpi=100, **mark_metadata(args.out.suffix, SAMPLE_MARK))
+    write_bytes_atomic(args.out, buf.getvalue(), replace=replace)
     n = len(drawn.images)
     print(f"{n} images for {len(prompts)} prompt{'s' if len(prompts) > 1 else ''} in {drawn.seconds:.1f} s "
           f"({drawn.images_per_s:.1f} images/s) with {drawn.settings} -> {args.out}")
@@ -283,13 +295,15 @@ def _bench_json(args):
     "The --json file of a speed bench: new, or (with --overwrite) one an earlier `dalle-course bench` wrote."
     from dalle_course.runs import check_output_file
     if args.json is None: return None
+    args._json_existed = args.json.exists()
     return check_output_file(args.json, '--json', ('.json',), args.overwrite, written_by='dalle-course bench')
 
-def _write_bench(path, res):
+def _write_bench(path, res, args):
     import json
-    from dalle_course.core import write_text_atomic
+    from dalle_course.core import write_bytes_atomic
     if path is None: return
-    write_text_atomic(path, json.dumps({'written_by': 'dalle-course bench', **res}, indent=1))
+    write_bytes_atomic(path, json.dumps({'written_by': 'dalle-course bench', **res}, indent=1).encode(),
+                       replace=args._json_existed)  # a new file must still be new when it lands
     print(f"results in {path}")
 
 def _bench_sizes(args) -> dict:
@@ -306,7 +320,7 @@ def run_bench_train(args) -> int:
     res = bench_train(cfg, mask=args.mask, steps=args.steps, warmup=args.warmup, device=dev, compile=args.compile,
                       amp=not args.no_amp, peak_flops=None if args.peak_tflops is None else args.peak_tflops * 1e12,
                       attention=args.attention)
-    print(bench_report(res)); _write_bench(path, res)
+    print(bench_report(res)); _write_bench(path, res, args)
     return 0
 
 def run_bench_generate(args) -> int:
@@ -318,7 +332,7 @@ def run_bench_generate(args) -> int:
     cfg, path, dev = _bench_sizes(args), _bench_json(args), get_device(args.device)
     res = bench_generate(cfg, mask=args.mask, repeats=args.repeats, warmup=args.warmup, device=dev, compile=args.compile,
                          guidance=args.guidance, reference=not args.static_only)
-    print(bench_report(res)); _write_bench(path, res)
+    print(bench_report(res)); _write_bench(path, res, args)
     return 0
 
 def run_bench_tokenizer(args) -> int:
@@ -328,7 +342,7 @@ def run_bench_tokenizer(args) -> int:
     path, dev = _bench_json(args), get_device(args.device)
     res = bench_tokenizer(args.kind, args.preset, args.image_size, args.batch_size, repeats=args.repeats,
                           warmup=args.warmup, device=dev)
-    print(bench_report(res)); _write_bench(path, res)
+    print(bench_report(res)); _write_bench(path, res, args)
     return 0
 
 def run_exercises(args) -> int:
@@ -365,10 +379,17 @@ COMMANDS = {  # the subcommands and their one-line help: what `dalle-course --he
     'exercises': 'write learner copies of the notebooks (solutions removed)',
 }
 
+def _seed(s: str) -> int:
+    try: v = int(s)
+    except ValueError: raise argparse.ArgumentTypeError(f"expected a whole number, got {s[:30]!r}") from None
+    if not 0 <= v <= 2 ** 63 - 1: raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {2 ** 63 - 1}, got {s[:30]}")
+    return v
+
 def _positive_int(s: str) -> int:
     try: v = int(s)
-    except ValueError: raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
+    except ValueError: raise argparse.ArgumentTypeError(f"expected a whole number, got {s[:30]!r}") from None
     if v <= 0: raise argparse.ArgumentTypeError(f"must be a positive number, got {v}")
+    if v > 2 ** 63 - 1: raise argparse.ArgumentTypeError(f"{s[:30]} is out of range (at most {2 ** 63 - 1})")
     return v
 
 def _counts(s: str, what: str = 'sample counts', example: str = '1,2,4,8') -> tuple:
@@ -390,7 +411,7 @@ def _presets_help(presets: dict, extra=lambda v: '') -> str:
 def _device_seed_args(p: argparse.ArgumentParser):
     "--device and --seed, which every command that computes takes."
     p.add_argument('--device', default=None, help='cuda, mps or cpu (default: the best available)')
-    p.add_argument('--seed', type=int, default=0, help='random seed')
+    p.add_argument('--seed', type=_seed, default=0, help='random seed')
 
 def _training_args(p: argparse.ArgumentParser, out_help: str, presets: dict, resume: bool = True):
     "The options every training command shares (data, preset, run length, device, and --resume if `resume`)."
@@ -429,7 +450,7 @@ def _add_data(sub):
                          "12-token description (value size colour position per digit). Train and test use disjoint "
                          "source digits. Writes images.npy, captions.txt, attributes.npy, sources.npy, meta.json.")
     md.add_argument('--n', type=_positive_int, default=10000, help='number of images')
-    md.add_argument('--seed', type=int, default=0, help='random seed (same seed, same images)')
+    md.add_argument('--seed', type=_seed, default=0, help='random seed (same seed, same images)')
     md.add_argument('--size', type=_size, default=128, help='canvas size in pixels: 128 (the thesis) or 64')
     md.add_argument('--split', choices=['train', 'test'], default='train', help='which source digits to draw from')
     md.add_argument('--out', type=Path, required=True, help='output folder (must not exist or be empty)')
@@ -448,7 +469,7 @@ def _add_data(sub):
                          "cannot be downloaded by this tool: with it, pass its root to --data instead.")
     cf.add_argument('--out', type=Path, required=True, help='output folder (must not exist or be empty)')
     cf.add_argument('--per-class', type=_positive_int, default=6, help='images per class (the first 2 are the test split)')
-    cf.add_argument('--seed', type=int, default=0, help='random seed')
+    cf.add_argument('--seed', type=_seed, default=0, help='random seed')
     cf.set_defaults(func=run_data_cub_fixture)
 
 def _add_train(sub):
@@ -678,23 +699,28 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `dalle-course` console script; returns the exit status."
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = next((a for a in argv if not a.startswith('-')), None)
-    args = build_parser(command if command in COMMANDS else '').parse_args(argv)  # `--help`: no torch
-    from dalle_course.core import InputError  # the library (and torch) from here on
-    try:
-        return args.func(args)
-    except InputError as e:
-        return _fail(str(e))
+    try:  # Ctrl-C is one quiet line and status 130 from here on, also while the library (and torch) is importing
+        command = next((a for a in argv if not a.startswith('-')), None)
+        args = build_parser(command if command in COMMANDS else '').parse_args(argv)  # `--help`: no torch
+        from dalle_course.core import InputError  # the library (and torch) from here on
+        try:
+            return args.func(args)
+        except InputError as e:
+            return _fail(str(e))
+        except OSError as e:  # a path that cannot be written or read: a disk full, a folder without permission, ...
+            where = f" {e.filename}" if getattr(e, 'filename', None) else ''
+            return _fail(f"cannot use{where}: {e.strerror or e}; choose a path you can write to (and check free space)")
+        except MemoryError:
+            return _fail("out of memory; ask for less at a time (a smaller --n, --batch-size or data size)")
+        except RuntimeError as e:
+            from dalle_course.learner import NonFiniteLossError
+            if isinstance(e, NonFiniteLossError): return _fail(str(e).replace('\n', ' '))
+            if "can't allocate memory" in str(e) or 'out of memory' in str(e).lower():  # torch's allocators, CPU and CUDA
+                return _fail("out of memory; ask for less at a time (a smaller --n, --batch-size or data size)")
+            raise
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130
-    except OSError as e:  # a path that cannot be written or read: a disk full, a folder without permission, ...
-        where = f" {e.filename}" if getattr(e, 'filename', None) else ''
-        return _fail(f"cannot use{where}: {e.strerror or e}; choose a path you can write to (and check free space)")
-    except RuntimeError as e:
-        from dalle_course.learner import NonFiniteLossError
-        if isinstance(e, NonFiniteLossError): return _fail(str(e).replace('\n', ' '))
-        raise
 
 # %% ../nbs/95_cli.ipynb #95_cli-010
 #| eval: false

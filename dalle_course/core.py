@@ -15,15 +15,16 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'MODEL_FORMAT', 'MODELS', 'seed_everything', 'InputError', 'require', 'get_device', 'autocast',
-           'world_info', 'is_main_process', 'progress', 'to_uint8_hwc', 'image_grid', 'pack_state', 'unpack_state',
-           'save_checkpoint', 'read_checkpoint_meta', 'load_checkpoint', 'damaged', 'read_json', 'write_bytes_atomic',
-           'write_text_atomic', 'register_model', 'model_class', 'save_model', 'load_model', 'model_fingerprint',
-           'shipped']
+__all__ = ['SEED_MAX', 'CHECKPOINT_FORMAT', 'MODEL_FORMAT', 'MODELS', 'seed_everything', 'InputError', 'require', 'abbrev',
+           'warn', 'check_seed', 'get_device', 'autocast', 'world_info', 'is_main_process', 'progress', 'to_uint8_hwc',
+           'image_grid', 'pack_state', 'unpack_state', 'save_safetensors', 'save_checkpoint', 'read_checkpoint_meta',
+           'load_checkpoint', 'damaged', 'read_json', 'write_bytes_atomic', 'write_text_atomic', 'register_model',
+           'model_class', 'save_model', 'load_model', 'model_fingerprint', 'shipped']
 
 # %% ../nbs/00_core.ipynb #00_core-005
 def seed_everything(seed: int) -> None:
-    "Seed Python's `random`, NumPy's global RNG and torch's CPU and CUDA generators with `seed`."
+    "Seed Python's `random`, NumPy's global RNG and torch's CPU and CUDA generators with `seed` (0 to 2**63 - 1)."
+    seed = check_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
@@ -35,6 +36,24 @@ class InputError(ValueError):
 def require(cond, msg: str) -> None:
     "Raise `InputError(msg)` unless `cond`: the one-line check behind every bad-input message."
     if not cond: raise InputError(msg)
+
+def abbrev(text, n: int = 60) -> str:
+    "`repr(text)`, cut to about `n` characters with its length said: how a message quotes what a user typed."
+    text = str(text)
+    return repr(text) if len(text) <= n else f"{text[:n]!r}... ({len(text)} characters)"
+
+def warn(msg: str) -> None:
+    "A one-line warning on stderr (the run goes on): something is probably not what the user meant."
+    import sys
+    sys.stderr.write(f"dalle-course: warning: {' '.join(str(msg).split())}\n"); sys.stderr.flush()
+
+SEED_MAX = 2 ** 63 - 1  # torch's generators take a signed 64-bit seed
+
+def check_seed(seed) -> int:
+    "`seed` as an int, if it is a whole number in [0, 2**63 - 1]; one line otherwise."
+    require(not isinstance(seed, bool) and isinstance(seed, (int, np.integer)) and 0 <= seed <= SEED_MAX,
+            f"the seed must be a whole number from 0 to {SEED_MAX}, got {abbrev(seed, 30)}")
+    return int(seed)
 
 # %% ../nbs/00_core.ipynb #00_core-012
 def get_device(name: str | None = None) -> torch.device:
@@ -161,6 +180,14 @@ def unpack_state(tensors: dict, skeleton):
 # %% ../nbs/00_core.ipynb #00_core-027
 CHECKPOINT_FORMAT = 'dalle_course/1'
 
+def save_safetensors(tensors: dict, path, metadata: dict | None = None):
+    "safetensors' `save_file`, with a failed write (a folder gone, a full or read-only disk) an `OSError` naming the file."
+    try: save_file(tensors, str(path), metadata=metadata)
+    except Exception as e:
+        if type(e).__name__ != 'SafetensorError' or 'I/O error' not in str(e): raise
+        import errno
+        raise OSError(errno.EIO, str(e).split(': ', 1)[-1].split(' at path')[0], str(path)) from None
+
 def save_checkpoint(path, state: dict, config: dict | None = None, step: int | None = None) -> Path:
     "Atomically write `state` (any nested structure of tensors and plain values), `config` and `step` to `path`."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,7 +196,7 @@ def save_checkpoint(path, state: dict, config: dict | None = None, step: int | N
             'step': json.dumps(step)}
     tmp = str(path.with_name(f'.{path.name}.tmp'))  # one fixed name: a killed write leaves it, the next write replaces it
     try:
-        save_file(tensors, tmp, metadata=meta)
+        save_safetensors(tensors, tmp, metadata=meta)
         with open(tmp, 'rb+') as f: os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
@@ -221,13 +248,19 @@ def read_json(path, what: str = 'file'):
     try: return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e: raise damaged(path, f'not JSON: {e}') from None
 
-def write_bytes_atomic(path, data: bytes) -> Path:
-    "Write `data` to `path` through a temporary file in the same folder, so a crash never leaves half a file."
+def write_bytes_atomic(path, data: bytes, replace: bool = True) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder, so a crash never leaves half a file.
+    `replace=False`: only if `path` does not exist when the write lands (the check and the write are one step, so of
+    two processes writing one new file the second is refused, in one line)."""
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp')
+    tmp = path.with_name(f'.{path.name}.tmp' if replace else f'.{path.name}.{os.getpid()}.tmp')
     try:
         tmp.write_bytes(data)
-        os.replace(tmp, path)
+        if replace: os.replace(tmp, path)
+        else:
+            try: os.link(tmp, path)  # fails if the name exists, atomically
+            except FileExistsError: raise InputError(f"{path} was written by another process while this one ran; "
+                                                     f"nothing was replaced: choose another file name") from None
     finally:
         if tmp.exists(): tmp.unlink()
     return path

@@ -7,14 +7,16 @@ from __future__ import annotations
 import hashlib, json
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from .core import InputError, read_json, require
+from .core import InputError, read_json, require, warn
 from .mdmnist import FORMAT as MDMNIST_FORMAT, MDMNIST
 
 # %% auto #0
 __all__ = ['DATASET_READERS', 'LAYOUT_READERS', 'register_dataset', 'open_dataset', 'as_dataset', 'all_captions',
-           'text_tokenizer_kind', 'image_size', 'dataset_fingerprint', 'text_spec', 'token_views', 'split_train_test']
+           'text_tokenizer_kind', 'image_size', 'dataset_fingerprint', 'text_spec', 'token_views', 'split_train_test',
+           'dataset_kind']
 
 # %% ../nbs/04_datasets.ipynb #04_datasets-004
 DATASET_READERS: dict[str, type] = {}  # meta.json 'format' prefix -> Dataset class taking the folder
@@ -47,7 +49,9 @@ def open_dataset(folder) -> torch.utils.data.Dataset:
     if meta is None and (cls := _layout_reader(folder)) is not None: return cls(folder)
     require(meta is not None, f"{folder} is not an MD-MNIST folder, a CUB-200 root or any other dataset (no meta.json); "
             f"generate one with `dalle-course data mdmnist --out DIR` and pass DIR")
-    fmt = str(meta.get('format', '')) if isinstance(meta, dict) else ''
+    require(isinstance(meta, dict) and isinstance(meta.get('format'), str), f"{folder / 'meta.json'} is damaged or edited "
+            f"(not a dataset description with a 'format'); generate the folder again with `dalle-course data mdmnist`")
+    fmt = meta['format']
     for prefix, cls in DATASET_READERS.items():
         if fmt.startswith(prefix): return cls(folder)
     raise InputError(f"{folder} holds a dataset of format {fmt!r}, which no reader knows (known: "
@@ -129,9 +133,39 @@ def split_train_test(data, test=None, n_test: int = 256, stage: str | None = Non
         train, test = torch.utils.data.Subset(train, idx[:-n]), torch.utils.data.Subset(train, idx[-n:])
     else:
         test = as_dataset(test)
+        ka, kb = dataset_kind(train), dataset_kind(test)
+        require(ka == kb, f"--test holds {kb} data but --data holds {ka} data; pass a test split of the same dataset "
+                f"(or leave --test out to hold out part of --data)")
         if stage is not None: test = _for_stage(test, stage, size)
+        _warn_overlap(train, test)
     require(len(train) > 0, "the training data is empty; pass a folder with at least one image")
     require(len(test) > 0, "the test data is empty; pass a test split with at least one image")
     a, b = image_size(train), image_size(test)
     require(a == b, f"test images are {b} px but training images are {a} px; use a test split of the same size")
     return train, test
+
+_KIND_NAMES = {'MDMNIST': 'MD-MNIST', 'CUB': 'CUB-200'}
+
+def dataset_kind(ds) -> str:
+    "What kind of dataset `ds` is, by its reader: 'MD-MNIST', 'CUB-200', or the reader's class name."
+    name = type(_base(ds)[0]).__name__
+    return _KIND_NAMES.get(name, name)
+
+def _image_digests(ds) -> list[bytes] | None:
+    "A digest per image of an array-backed dataset (MD-MNIST), in order; None where images are read lazily from files."
+    base, idx = _base(ds)
+    arr = getattr(base, 'images', None)
+    if not hasattr(arr, 'shape') or len(arr) != len(base): return None
+    idx = range(len(base)) if idx is None else idx
+    return [hashlib.blake2b(np.ascontiguousarray(arr[i]).tobytes(), digest_size=16).digest() for i in idx]
+
+def _warn_overlap(train, test):
+    "One-line warnings (the run goes on) when the test split is the training data, or shares images with it."
+    if dataset_fingerprint(train) == dataset_fingerprint(test):
+        return warn("--test is the training data itself: every test number will be measured on images the model "
+                    "trained on; pass a separate test split (e.g. `dalle-course data mdmnist --split test`)")
+    a, b = _image_digests(train), _image_digests(test)
+    if a is None or b is None: return
+    shared = sum(d in set(a) for d in b)
+    if shared: warn(f"{shared} of the {len(b)} test images are also in the training data, so the test numbers are "
+                    f"partly measured on training images; pass a test split made with another seed or split")

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import InputError, get_device, image_grid
+from .core import InputError, get_device, image_grid, require
 from .datasets import all_captions, open_dataset
 from .evaluation import following_table, plot_ce_distribution, plot_following, score_images
 from .mdmnist import DATA_FILES, parse_caption, write_mdmnist
-from .runs import RunFolder, SamplingSettings
+from .runs import RunFolder, SamplingSettings, read_manifest
 from .tokenizer_training import default_ruler, train_tokenizer
 from .pipeline import Pipeline
 from .prior_training import train_prior
@@ -53,9 +53,29 @@ def run_demo(out='runs/demo', preset: str = 'cpu', device: str | None = None, se
     if preset not in DEMO_PRESETS: raise InputError(f"unknown demo preset {preset!r}; use one of {', '.join(DEMO_PRESETS)}")
     p = {**DEMO_PRESETS[preset], **changes}
     dev = get_device(device)
-    rf = RunFolder(out, 'demo', overwrite=overwrite, resumable=False).open()  # refuses a used or foreign folder
+    rf = RunFolder(out, 'demo', overwrite=overwrite, resumable=False)
+    rf.check()                    # a used or foreign folder, and every stage's folder, refused before anything is deleted
+    _check_stages(Path(out), p, seed)
+    rf.open()
     try: return _run(rf, p, preset, dev, device, seed, quiet)
+    except InputError:
+        rf.abandon(); raise       # a refusal leaves no half-made demo behind
     finally: rf.close()
+
+def _check_stages(out: Path, p: dict, seed: int):
+    "The checks of every stage that its own command would only make later, made before the demo deletes or writes."
+    from dalle_course.mdmnist import _check_args, _check_space
+    for split, n in (('train', p['n_train']), ('test', p['n_test'])):
+        _check_args(n, p['size'], split, seed); _check_space(out, n, p['size'])
+    for stage in ('tokenizer', 'prior'):
+        b = p[stage].get('batch_size')
+        require(b is None or p['n_train'] >= b, f"the demo's {stage} takes batches of {b} but n_train is {p['n_train']}; "
+                f"use n_train of at least {b}")
+    listed = set(read_manifest(out)['files']) if (out / 'run.json').is_file() else set()
+    for f in sorted((out / 'data').rglob('*')) if (out / 'data').is_dir() else []:
+        if f.is_file() and str(f.relative_to(out)) not in listed:
+            raise InputError(f"{f} was not written by this demo, and the demo writes its data there; move it away "
+                             f"(nothing has been deleted)")
 
 def _data(rf: RunFolder, name: str, **kw):
     "Write an MD-MNIST split into the demo folder; its files are recorded as the demo's before they are written."

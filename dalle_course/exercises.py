@@ -136,6 +136,17 @@ def learner_copy(nb: dict, name: str = 'notebook', solutions: bool = False) -> t
         cells.append({**cell, 'source': [l + '\n' for l in lines[:-1]] + [lines[-1]] if src else []})
     return {**nb, 'cells': cells}, n, images
 
+def _read_notebook(p: Path) -> dict:
+    "A notebook's JSON, or one line naming the file that is not a notebook."
+    try: nb = json.loads(p.read_text(encoding='utf-8'))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{p} is not a readable notebook ({type(e).__name__}: {str(e)[:80]}); restore it or remove it "
+                         f"from --nbs") from None
+    if not (isinstance(nb, dict) and isinstance(nb.get('cells'), list)
+            and all(isinstance(c, dict) and 'cell_type' in c and 'source' in c for c in nb['cells'])):
+        raise InputError(f"{p} is not a notebook (no list of cells with a type and a source); restore it or remove it from --nbs")
+    return nb
+
 def write_learner_copies(src_dir=None, out_dir='my_course', overwrite: bool = False, solutions: bool = False) -> dict[str, int]:
     "Write learner copies of the lessons in `src_dir` (default: the package's) to `out_dir`; {notebook: exercises}. `solutions`: keep the answers."
     src_dir, out_dir = Path(src_dir or COURSE_NBS), Path(out_dir)
@@ -143,7 +154,7 @@ def write_learner_copies(src_dir=None, out_dir='my_course', overwrite: bool = Fa
     if not nbs: raise InputError(f"no notebooks found in {src_dir}; pass --nbs pointing at the course's nbs/ folder")
     files, counts = {}, {}
     for p in nbs:
-        nb, n, images = learner_copy(json.loads(p.read_text(encoding='utf-8')), p.name, solutions)
+        nb, n, images = learner_copy(_read_notebook(p), p.name, solutions)
         files[p.name], counts[p.name] = (json.dumps(nb, indent=1, ensure_ascii=False) + '\n').encode('utf-8'), n
         for link in images:
             img = (p.parent / link).resolve()
@@ -154,7 +165,11 @@ def write_learner_copies(src_dir=None, out_dir='my_course', overwrite: bool = Fa
     if out_dir.exists() and not out_dir.is_dir(): raise InputError(f"{out_dir} is a file; choose a folder for --out")
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite: raise InputError(f"{out_dir} exists and is not empty; choose another --out or add --overwrite")
-        ours = json.loads(old.read_text()) if old.is_file() else {}
+        try: ours = json.loads(old.read_text(encoding='utf-8')) if old.is_file() else {}
+        except (ValueError, UnicodeDecodeError): ours = None
+        if not isinstance(ours, dict) or not all(isinstance(v, str) for v in ours.values()):
+            raise InputError(f"{old} is damaged (not the list of files this command wrote), so nothing in {out_dir} "
+                             f"can be told apart from your work; choose another --out")
         clash = [f for f in files if (out_dir / f).exists()]
         foreign = [f for f in clash if f not in ours]
         changed = [f for f in clash if f in ours and _sha((out_dir / f).read_bytes()) != ours[f]]
@@ -184,7 +199,7 @@ def run_cells(path, skip=('slow', 'cuda')) -> dict:
     try: from execnb.shell import CaptureShell
     except ImportError: raise InputError("running notebooks needs execnb; pip install -e '.[dev]'") from None
     path = Path(path).resolve()
-    nb = json.loads(path.read_text(encoding='utf-8'))
+    nb = _read_notebook(path)
     sh, errors, ran = CaptureShell(path), [], 0
     old, t0 = os.getcwd(), time.time()
     os.chdir(path.parent)
@@ -194,6 +209,7 @@ def run_cells(path, skip=('slow', 'cuda')) -> dict:
             src = ''.join(cell['source']); d = _flags_of(src)
             if d.get('eval:', [''])[0].lower() == 'false' or set(skip) & d.keys() or not src.strip(): continue
             outs = sh.run(src); ran += 1
+            if any(o.get('ename') == 'KeyboardInterrupt' for o in (outs or [])): raise KeyboardInterrupt  # Ctrl-C stops it all
             errors += [(i, src, o.get('ename', ''), o.get('evalue', '')) for o in (outs or []) if o.get('output_type') == 'error']
     finally: os.chdir(old)
     return {'errors': errors, 'cells': ran, 'seconds': time.time() - t0}
@@ -204,7 +220,7 @@ def lesson_titles(src_dir=None) -> dict[str, str]:
     out = {}
     for p in sorted(src_dir.glob('*.ipynb')):
         if p.name in NOT_COPIED: continue
-        first = next((''.join(c['source']) for c in json.loads(p.read_text(encoding='utf-8'))['cells'] if c['cell_type'] == 'markdown'), '')
+        first = next((''.join(c['source']) for c in _read_notebook(p)['cells'] if c['cell_type'] == 'markdown'), '')
         out[p.name] = next((l.lstrip('# ').strip() for l in first.split('\n') if l.startswith('# ')), p.stem)
     return out
 
@@ -217,4 +233,6 @@ def time_lessons(names=None, src_dir=None, show_progress: bool = True) -> dict[s
         names = names or sorted(lesson_titles(src_dir))
         missing = [n for n in names if not (Path(d) / 'course' / n).is_file()]
         if missing: raise InputError(f"no lesson named {', '.join(missing)}; `dalle-course lessons` lists them")
-        return {n: run_cells(Path(d) / 'course' / n) for n in progress(names, desc='lessons', disable=not show_progress)}
+        bar = progress(names, desc='lessons', disable=not show_progress)
+        try: return {n: run_cells(Path(d) / 'course' / n) for n in bar}
+        finally: bar.close()  # also on Ctrl-C: the bar ends before the one line that says so

@@ -559,6 +559,9 @@ def train_run(stage: Stage, options: RunOptions, train_data=None, test_data=None
         result = RunResult(model, recipe, learner.summary, ev, learner.records, None if rf is None else rf.path, extra=extra)
         if rf is not None and stage.save is not None: stage.save(result, rf)
         return result
+    except InputError:
+        if rf is not None: rf.abandon()  # refused before its first checkpoint: the folder it started goes again
+        raise
     finally:
         if rf is not None: rf.close()
 

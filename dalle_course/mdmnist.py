@@ -249,6 +249,20 @@ def _check_out(out: Path, overwrite: bool):
             raise InputError(f"--out {out} holds files that are not an MD-MNIST dataset, so --overwrite will not "
                              f"delete it; choose another --out")
 
+def _check_space(out: Path, n: int, size: int):
+    "Refuse (one line) a dataset the disk cannot hold, or whose attribute tables would not fit in memory."
+    need = n * (size * size * 3 + 3 * 4 * 8 * 2 + 3 * 8 + 40)  # images, attributes (twice while drawn), sources, captions
+    d = out
+    while not d.exists() and d.parent != d: d = d.parent
+    free = shutil.disk_usage(d if d.is_dir() else d.parent).free
+    gb = lambda b: f"{b / 1e9:.3g} GB"  # noqa: E731
+    if need > free: raise InputError(f"--n {n} images of {size} px need about {gb(need)} on disk but {d} has "
+                                     f"{gb(free)} free; pass a smaller --n")
+    mem = n * 3 * 4 * 8 * 4  # the attribute draws in memory
+    avail = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') if hasattr(os, 'sysconf') else None
+    if avail and mem > avail: raise InputError(f"--n {n} images need about {gb(mem)} of memory to draw but {gb(avail)} "
+                                               f"is free; pass a smaller --n")
+
 def _pid_alive(pid: int) -> bool:
     try: os.kill(pid, 0)
     except ProcessLookupError: return False
@@ -268,7 +282,9 @@ def write_mdmnist(out, n: int, seed: int = 0, size: int = 128, split: str = 'tra
                   overwrite: bool = False, chunk: int = 2000, show_progress: bool = True, holdout=()) -> dict:
     "Write n MD-MNIST images to the folder `out` (see the table above); returns stats incl. 'images_per_s'."
     out = Path(out).expanduser()
+    if out.is_symlink(): out = out.resolve()  # a link to a folder: the folder is the output (the link stays as it is)
     _check_args(n, size, split, seed)
+    _check_space(out, int(n), int(size))
     if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk <= 0:
         raise InputError(f"chunk must be a positive number of images, got {chunk!r}")
     held = parse_holdout(holdout) if isinstance(holdout, str) else tuple(tuple(p) for p in holdout)
@@ -339,6 +355,12 @@ class MDMNIST(torch.utils.data.Dataset):
         except (OSError, ValueError) as e:
             raise InputError(f"{self.folder} is an incomplete or damaged MD-MNIST folder ({type(e).__name__}: {e}); "
                              f"create it again with `dalle-course data mdmnist --out {self.folder} --overwrite`") from None
+        m = self.meta
+        ok = (isinstance(m, dict) and isinstance(m.get('n'), int) and m.get('size') in CANVAS_SIZES
+              and isinstance(m.get('split'), str))
+        if not ok: raise InputError(f"{self.folder / 'meta.json'} is damaged or edited (its n, size or split is missing or of "
+                                    f"the wrong type); create the folder again with `dalle-course data mdmnist --out "
+                                    f"{self.folder} --overwrite`")
         n = len(self.captions)
         if not (shape[0] == n == len(self.attributes) == self.meta.get('n')) or shape[1:] != (self.size, self.size, 3):
             raise InputError(f"{self.folder} is an inconsistent MD-MNIST folder (images {shape}, {n} captions, "

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-from .core import (InputError, get_device, image_grid, load_model, model_fingerprint, progress,
+from .core import (InputError, abbrev, get_device, image_grid, load_model, model_fingerprint, progress,
                                read_checkpoint_meta, require as _check, shipped)
 from .runs import FILES, Recipe, SamplingSettings, tokenizer_file
 
 # %% auto #0
-__all__ = ['SHIPPED_DEMO_RUN', 'SHIPPED_RUNS', 'run_folder', 'encode_prompts', 'Drawing', 'Pipeline']
+__all__ = ['SHIPPED_DEMO_RUN', 'SHIPPED_RUNS', 'run_folder', 'encode_prompts', 'check_prompt_source', 'Drawing', 'Pipeline']
 
 # %% ../nbs/08_pipeline.ipynb #08_pipeline-005
 SHIPPED_DEMO_RUN = shipped('demo_64')  # the demo's tokenizer, prior and CLIP (lesson 27), shipped with the package
@@ -33,11 +33,24 @@ def encode_prompts(text_tok, prompts: list[str], L: int, truncate: bool = False)
     rows = []
     for i, p in enumerate(prompts):
         try: ids = text_tok.encode(p)
-        except InputError as e: raise InputError(f"prompt {i + 1} ({p!r}): {e}") from None
+        except InputError as e: raise InputError(f"prompt {i + 1} ({abbrev(p)}): {e}") from None
         if truncate: ids = ids[:L]
-        _check(0 < len(ids) <= L, f"prompt {i + 1} ({p!r}) has {len(ids)} tokens; this prior reads 1 to {L}")
+        _check(0 < len(ids) <= L, f"prompt {i + 1} ({abbrev(p)}) has {len(ids)} tokens; this prior reads 1 to {L}")
+        unk = getattr(text_tok, 'unk_id', None)
+        _check(unk is None or any(t != unk for t in ids), f"prompt {i + 1} ({abbrev(p)}): none of its words is in this "
+               f"prior's vocabulary ({text_tok.vocab_size} tokens), so it would draw from no text at all; write it in "
+               f"the words of the captions the prior was trained on")
         rows.append(ids + [text_tok.pad_id] * (L - len(ids)))
     return torch.tensor(rows, dtype=torch.long)  # (P, L)
+
+def check_prompt_source(text_tok, data, option: str = '--data'):
+    """Refuse (one line) a dataset whose captions are not the kind this text tokenizer reads: MD-MNIST descriptions
+    for a prior of free text (CUB), or free text for a prior of MD-MNIST descriptions."""
+    from .datasets import text_tokenizer_kind
+    theirs, ours = text_tokenizer_kind(data), getattr(text_tok, 'kind', None)
+    _check((theirs == 'attributes') == (ours == 'attributes'), f"{option} holds "
+           f"{'MD-MNIST descriptions' if theirs == 'attributes' else 'free-text captions'} but this prior reads "
+           f"{'MD-MNIST descriptions' if ours == 'attributes' else 'free text'}; pass the kind of data it was trained on")
 
 # %% ../nbs/08_pipeline.ipynb #08_pipeline-007
 @dataclass

@@ -166,7 +166,7 @@ def _tokens(tokenizer, train, test, rf, device, seed: int = 0) -> dict:
     """Image tokens and caption lists of both splits, read from the run's cache when present. A dataset with random
     preprocessing (`token_views` > 1: CUB's type 2) has that many draws of each training image encoded, `(n, K, h*w)`,
     one of which `CaptionTokens` reads each time; the draws follow `seed`."""
-    from safetensors.torch import save_file
+    from dalle_course.core import save_safetensors
     cache = None if rf is None else _read_cache(rf.path)
     if cache is not None:
         t, meta = cache
@@ -180,7 +180,7 @@ def _tokens(tokenizer, train, test, rf, device, seed: int = 0) -> dict:
     res = {'train': (views[0][0] if K == 1 else torch.stack([v[0] for v in views], 1), views[0][1]),  # (n, h*w) or (n, K, h*w)
            'test': encode_images(tokenizer, test, device=device, desc='tokenizing test')}
     if rf is not None:
-        save_file({s: v[0].contiguous() for s, v in res.items()}, rf.file('tokens'))
+        save_safetensors({s: v[0].contiguous() for s, v in res.items()}, rf.file('tokens'))
         rf.file('captions').write_text(json.dumps({s: v[1] for s, v in res.items()}))
     return res
 

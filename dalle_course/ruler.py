@@ -191,6 +191,7 @@ def train_ruler(kind: str, data, preset: str = 'ruler', options: RunOptions | No
     get_device(o.device)
     train, test = split_train_test(data, o.test, 256)
     _check('attributes' in train[0], "the classifier needs attribute labels: pass an MD-MNIST folder")
+    _check('attributes' in test[0], "the classifier's test split has no attribute labels: pass an MD-MNIST test folder as --test")
     recipe = resolve_ruler_recipe(kind, preset, dataset_image_size(train), len(train), o.steps, o.batch_size, o.seed,
                                   o.recipe_overrides())
 

@@ -8,12 +8,12 @@ import copy, json, os, time
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 
-from .core import InputError, is_main_process, load_checkpoint, read_json, require, write_text_atomic
+from .core import InputError, check_seed, is_main_process, load_checkpoint, read_json, require, write_text_atomic
 
 # %% auto #0
 __all__ = ['FILES', 'RUN_FORMAT', 'INPUT_LABELS', 'tokenizer_file', 'RunFolder', 'read_manifest', 'steps_per_epoch',
            'resolve_train', 'merge_overrides', 'Recipe', 'RunResult', 'RunOptions', 'SamplingSettings',
-           'check_output_file']
+           'written_by_mark', 'mark_metadata', 'check_output_file']
 
 # %% ../nbs/01_runs.ipynb #01_runs-005
 FILES = dict(
@@ -62,7 +62,13 @@ def _check_tree(path: Path, manifest: dict):
             if _listing(c): raise InputError(f"{c} holds files dalle-course did not write (e.g. {_listing(c)[0]}); move "
                                              f"them away or choose another --out")
             continue
-        _check_tree(c, _valid_manifest(c))
+        cm = _valid_manifest(c)
+        listed = set(cm['files']) | {FILES['manifest']} | set(cm['children'])
+        stray = [f for f in _listing(c) if f not in listed and not any(f == k or f.startswith(k + '/') for k in cm['children'])
+                 and not (Path(f).name.startswith('.') and Path(f).name.endswith('.tmp'))]
+        if stray: raise InputError(f"{c / stray[0]} was not written by dalle-course, and the `{cm['command']}` run in {c} "
+                                   f"cannot start again beside it; move it away (nothing has been deleted)")
+        _check_tree(c, cm)
 
 def _valid_manifest(path: Path) -> dict:
     "The manifest of `path`, checked for shape; damage is one line that deletes nothing."
@@ -132,6 +138,9 @@ class RunFolder:
             self._scratch = Path(tempfile.mkdtemp(prefix='dalle-course-rank-'))
             return self
         old = self.check()
+        top = self.path  # the outermost folder this call creates (removed again if the run is refused: `abandon`)
+        while not top.parent.exists() and top.parent != top: top = top.parent
+        self._made = None if top.exists() else top
         self.path.mkdir(parents=True, exist_ok=True)
         self._acquire()
         try:
@@ -139,6 +148,7 @@ class RunFolder:
             if old is not None and self.overwrite:
                 _clear(self.path, old); old = None
             self.resumed = old is not None
+            self.fresh = old is None
             if old is not None:  # resume: drop stale temporaries of our own files (a killed write)
                 for name in old.get('files', []):
                     tmp = (self.path / name).with_name(f'.{Path(name).name}.tmp')
@@ -215,6 +225,21 @@ class RunFolder:
             raise InputError(f"{self.path} is being written by another process (pid {pid}); wait for it to finish "
                              f"or choose another --out") from None
         self._lock = fd
+
+    def abandon(self) -> bool:
+        """After a refusal (`InputError`) of a run that had not yet saved a checkpoint in a folder it started: delete
+        what it wrote (and the folders it made), so a plain rerun is not blocked (a new folder goes altogether; a
+        replaced one keeps only the user's files). A resumed run, or one with a checkpoint, is left as it is. Returns
+        whether anything was removed."""
+        if not (self.main and self.manifest is not None and getattr(self, 'fresh', False)): return False
+        if FILES['checkpoint'] in self.manifest['files']: return False
+        _clear(self.path, self.manifest)
+        made = getattr(self, '_made', None)
+        self.close()
+        d = self.path
+        while made is not None and d.is_dir() and not any(d.iterdir()) and (d == made or made in d.parents):
+            d.rmdir(); d = d.parent
+        return True
 
     def close(self):
         "Release the lock (the folder stays as it is); another rank's scratch folder goes."
@@ -383,6 +408,7 @@ class RunOptions:
         if bad: raise TypeError(f"unknown run option {bad[0]!r}; use {', '.join(f.name for f in fields(cls))}")
         o = copy.copy(options) if options is not None else cls()
         for k, v in kw.items(): setattr(o, k, v)
+        o.seed = check_seed(o.seed)  # a seed the generators cannot take: one line, before anything is written
         return o
 
     def recipe_overrides(self) -> dict | None:
@@ -436,10 +462,33 @@ class SamplingSettings:
 
 
 # %% ../nbs/01_runs.ipynb #01_runs-f1
+def written_by_mark(path) -> str | None:
+    """The mark a dalle-course command leaves in a single-file output: 'written_by' of a JSON object or an .npz
+    archive, or 'dalle-course ...' in the metadata of a PNG, JPEG, SVG or PDF (None: no mark, or unreadable)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == '.json': m = json.loads(path.read_text(encoding='utf-8')).get('written_by')
+        elif path.suffix.lower() == '.npz':
+            import numpy as np
+            with np.load(path, allow_pickle=False) as z: m = str(z['written_by']) if 'written_by' in z.files else None
+        else:
+            import re
+            hit = re.search(rb'(dalle-course [a-z]+)', path.read_bytes())
+            m = hit.group(1).decode() if hit else None
+    except (OSError, ValueError, AttributeError, KeyError, EOFError): return None  # unreadable: not ours
+    return m if isinstance(m, str) else None
+
+def mark_metadata(suffix: str, mark: str) -> dict:
+    "The `savefig` keywords that leave `mark` in a figure file of type `suffix` (read back by `written_by_mark`)."
+    s = suffix.lower()
+    if s in ('.jpg', '.jpeg'): return {'pil_kwargs': {'comment': mark.encode()}}
+    return {'metadata': {'Software' if s == '.png' else 'Creator': mark}}
+
 def check_output_file(path, option: str, suffixes, overwrite: bool = False, written_by: str | None = None,
                       example: str | None = None) -> Path:
     """The one check of a single-file output (`--out grid.png`, `--json r.json`), before any work; writes nothing.
-    `written_by`: a JSON file that exists is replaced only if its 'written_by' says so (never a file of the user's)."""
+    `written_by`: a file that exists is replaced (with `overwrite`) only if it carries that mark (`written_by_mark`:
+    a JSON or .npz field, an image's or PDF's metadata), never a file of the user's."""
     import tempfile
     path = Path(path)
     what = example or f"a file name ending in {' or '.join(suffixes)}"
@@ -447,9 +496,8 @@ def check_output_file(path, option: str, suffixes, overwrite: bool = False, writ
     require(not path.is_dir(), f"{option} {path} is a folder; give {what}")
     if path.exists():
         if written_by is not None:
-            try: mine = json.loads(path.read_text()).get('written_by') == written_by
-            except (ValueError, AttributeError, UnicodeDecodeError): mine = False
-            require(mine, f"{option} {path} exists and was not written by {written_by}; choose a new file")
+            require(written_by_mark(path) == written_by, f"{option} {path} exists and was not written by {written_by}, "
+                    f"so it is never replaced; choose another file name")
         require(overwrite, f"{option} {path} already exists; pass --overwrite to replace it, or choose another file name")
     d = path.parent
     while not d.exists(): d = d.parent

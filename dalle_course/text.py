@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .core import MODELS, InputError, load_model, model_class, require as _check, save_model
+from .core import MODELS, InputError, abbrev, load_model, model_class, require as _check, save_model
 from .runs import FILES
 
 # %% auto #0
@@ -149,12 +149,12 @@ class AttributeTokenizer(TextTokenizer):
         if not words: raise InputError(f"the description is empty; write {self.length} tokens ({what}) like {example}")
         if len(words) != self.length:
             raise InputError(f"a description needs exactly {self.length} tokens ({what}), "
-                             f"got {len(words)} in {text!r}; write it like {example}")
+                             f"got {len(words)} in {abbrev(text)}; write it like {example}")
         for k, w in enumerate(words):
             f = k % F
             if w not in self.tokens[f]:
                 why = f"it is a {self.field_of[w]}" if w in self.field_of else "it is not in the vocabulary"
-                raise InputError(f"token {k + 1} {w!r} must be a {self.names[f]} ({why}): one of {', '.join(self.tokens[f])}")
+                raise InputError(f"token {k + 1} {abbrev(w, 30)} must be a {self.names[f]} ({why}): one of {', '.join(self.tokens[f])}")
         return [self.index[w] for w in words]
 
 # %% ../nbs/20_text.ipynb #20_text-014

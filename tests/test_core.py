@@ -142,3 +142,15 @@ def test_files_of_unregistered_classes_load_only_where_the_class_is_known(tmp_pa
     code = f"from dalle_course.core import load_model; load_model({str(p)!r}, 'image_tokenizer')"  # another session
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
     assert r.returncode != 0 and 'is not a dalle_course image tokenizer' in r.stderr
+
+
+@pytest.mark.parametrize('bad', [-1, 2 ** 63, 10 ** 30, 1.5, '3', True, None])
+def test_seeds_out_of_the_generators_range_are_one_line(bad):
+    with pytest.raises(InputError, match='seed must be a whole number from 0 to'): seed_everything(bad)
+    for ok in (0, 2 ** 63 - 1, np.int64(7)): seed_everything(ok)
+
+
+def test_abbrev_keeps_a_quoted_input_short():
+    assert core.abbrev('7 30 r up') == "'7 30 r up'"
+    long = core.abbrev('x' * 100_000, 40)
+    assert len(long) < 80 and long.endswith('(100000 characters)')

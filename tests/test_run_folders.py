@@ -49,13 +49,32 @@ class Shared:
                          '--steps', 2)
 
     @cached_property
+    def cub(self) -> Path:  # a miniature CUB-200 root (synthetic birds), for the dataset-kind cases
+        p = cli('data', 'cub-fixture', '--out', self.root / 'cub')
+        assert p.returncode == 0, p.stderr
+        return self.root / 'cub'
+
+    @cached_property
+    def cubprior(self) -> Path:  # a prior of free text (CUB captions)
+        return self._run('cubprior', 'train', 'prior', '--arch', 'joint', '--tokenizer', self.root / 'patch.safetensors',
+                         '--data', self.cub, '--steps', 2, '--batch-size', 4)
+
+    @cached_property
+    def demo(self) -> Path:  # a finished demo, tiny (the library's run_demo with small stages: seconds, not minutes)
+        from dalle_course.demo import run_demo
+        run_demo(self.root / 'demo', n_train=N_TRAIN, n_test=8, n_prompts=4, n_samples=1, quiet=True,
+                 tokenizer=dict(kind='vqvae', preset='tiny', steps=2, batch_size=4),
+                 prior=dict(arch='joint', preset='tiny', steps=2, batch_size=4))
+        return self.root / 'demo'
+
+    @cached_property
     def ref(self) -> Path:  # the uninterrupted twin of the interrupted and killed runs
         return self._run('ref', *long_tokenizer_args(self))
 
     def names(self) -> dict:
         r = self.root
         return dict(train=r / 'train', test=r / 'test', big=r / 'big', patch=r / 'patch.safetensors',
-                    patch2=r / 'patch2.safetensors', tok=r / 'tok', prior=r / 'prior')
+                    patch2=r / 'patch2.safetensors', tok=r / 'tok', prior=r / 'prior', cub=r / 'cub', cubprior=r / 'cubprior')
 
 
 @pytest.fixture(scope='module')
@@ -339,6 +358,98 @@ def busy_writer(c, s):
     wait_for(c['out'] / 'checkpoint.safetensors', w)
 
 
+def needs(*names):
+    "Build the shared inputs `names` (cached properties of Shared) before the case's snapshot."
+    def setup(c, s):
+        for n in names: getattr(s, n)
+    return setup
+
+
+def demo_copy(edit):
+    "Copy the shared tiny demo to t/run (--out) and apply `edit(folder)`."
+    def setup(c, s):
+        out = c['out'] = c['t'] / 'run'
+        shutil.copytree(s.demo, out)
+        edit(out)
+    return setup
+
+
+def text_file(name, data: bytes):
+    def setup(c, s): (c['t'] / name).write_bytes(data)
+    return setup
+
+
+def meta_edit(**fields):
+    "A copy of the train split (t/data) whose meta.json has `fields` set (None: removed)."
+    def edit(d: Path):
+        m = json.loads((d / 'meta.json').read_text())
+        for k, v in fields.items():
+            if v is None: m.pop(k, None)
+            else: m[k] = v
+        (d / 'meta.json').write_text(json.dumps(m))
+    return dataset_copy(edit)
+
+
+def learner_copies(edit=None):
+    "t/course: learner copies of two lessons (written by `exercises`), then `edit(folder)`."
+    def setup(c, s):
+        src = c['t'] / 'nbs'; src.mkdir()
+        from dalle_course.exercises import COURSE_NBS
+        for n in ('10_gumbel.ipynb', '20_text.ipynb'): shutil.copyfile(Path(COURSE_NBS) / n, src / n)
+        c['nbs'] = src; c['out'] = c['t'] / 'course'
+        p = cli('exercises', '--nbs', src, '--out', c['out'])
+        assert p.returncode == 0, p.stderr
+        if edit: edit(c)
+    return setup
+
+
+def bad_notebook(body: str):
+    def setup(c, s):
+        src = c['t'] / 'nbs'; src.mkdir()
+        from dalle_course.exercises import COURSE_NBS
+        shutil.copyfile(Path(COURSE_NBS) / '10_gumbel.ipynb', src / '10_gumbel.ipynb')
+        (src / '11_broken.ipynb').write_text(body)
+        c['nbs'] = src
+    return setup
+
+
+def linked_dataset(c, s):
+    "t/link -> t/real, an MD-MNIST folder of 5 images."
+    p = cli(*MD('--out', c['t'] / 'real'))
+    assert p.returncode == 0, p.stderr
+    (c['t'] / 'link').symlink_to(c['t'] / 'real')
+
+
+def link_kept(c, before, after):
+    link, real = c['t'] / 'link', c['t'] / 'real'
+    assert link.is_symlink() and link.resolve() == real.resolve(), 'the link was replaced'
+    assert not [p.name for p in c['t'].iterdir() if p.name.startswith('.')], 'a hidden leftover'
+    assert len((real / 'captions.txt').read_text().splitlines()) == 5
+
+
+def grid_written(c, before, after):
+    "Exactly one new file, the grid, carrying the sample mark."
+    from dalle_course.runs import written_by_mark
+    d = diff(before, after)
+    assert d['new'] == [str(c['t'] / 'grid.png')] and not d['gone'] and not d['changed'], d
+    assert written_by_mark(c['t'] / 'grid.png') == 'dalle-course sample'
+
+
+def warned(*words):
+    "Status 0, and one warning line on stderr holding `words`."
+    def check(c, before, after):
+        lines = [l for l in c['proc'].stderr.splitlines() if 'dalle-course: warning:' in l]
+        assert len(lines) == 1 and all(w in lines[0] for w in words), c['proc'].stderr[-2000:]
+    return check
+
+
+def short_line(c, before, after):
+    "The refusal quotes a long input abbreviated: its one line stays short."
+    unchanged(c, before, after)
+    line = c['proc'].stderr.strip()
+    assert len(line) < 600 and 'characters)' in line, len(line)
+
+
 # ---------------------------------------------------------------- the table
 @dataclass
 class Case:
@@ -350,6 +461,7 @@ class Case:
     check: Callable = unchanged
     snapshot: bool = True            # False for cases where another process writes meanwhile
     marks: tuple = ()
+    interrupt: str | None = None     # Ctrl-C: 'startup' (while torch imports) or 'appears:GLOB' (once GLOB exists under t)
 
 
 def T(*a, kind='vqvae', steps=2):
@@ -360,8 +472,9 @@ def P(*a, arch='joint', tok='{patch}', data=('--data', '{train}', '--test', '{te
     return ('train', 'prior', '--arch', arch, '--tokenizer', tok, *data, '--steps', 2, '--batch-size', 4, *a)
 
 
-def S(*a, prior='{prior}'):
-    return ('sample', '--prior', prior, '--prompt', PROMPT, '--n', 1, *a, '--out', '{t}/grid.png')
+def S(*a, prior='{prior}', prompt=PROMPT, prompts=None):
+    src = ('--prompts', prompts) if prompts else ('--prompt', prompt)
+    return ('sample', '--prior', prior, *src, '--n', 1, *a, '--out', '{t}/grid.png')
 
 
 def B(*a, steps=2):
@@ -421,7 +534,7 @@ CASES = [
     Case('out-sample-unwritable', ('sample', '--prior', '{prior}', '--prompt', PROMPT, '--n', 1, '--out', '/proc/g.png'),
          words=('/proc/g.png',)),
     Case('out-sample-existing-file', S(), lambda c, s: (c['t'] / 'grid.png').write_text('my picture'),
-         words=('grid.png', '--overwrite')),
+         words=('grid.png', 'not written by dalle-course sample')),  # not "pass --overwrite": that would be refused too
     Case('out-sample-is-a-folder', S('--overwrite'), lambda c, s: (c['t'] / 'grid.png').mkdir(), words=('grid.png',)),
     # ---- overwrite
     Case('ow-demo-foreign-files-and-notes', ('demo', '--out', '{out}', '--overwrite'), foreign_folder_with_notes,
@@ -501,12 +614,116 @@ CASES = [
     Case('num-guidance-inf', S('--guidance', 'inf'), words=('guidance', 'inf')),
     Case('num-guidance-nan', S('--guidance', 'nan'), words=('guidance', 'nan')),
     Case('num-top-p-nan', S('--top-p', 'nan'), words=('top_p', 'nan')),
+    # ---- a pipeline's every stage checked before the first file is deleted (the demo is one run across its stages)
+    Case('ow-demo-foreign-file-in-a-stage-folder', ('demo', '--out', '{out}', '--overwrite'),
+         demo_copy(lambda d: (d / 'tokenizer' / 'notes.txt').write_text('mine')), words=('tokenizer/notes.txt', 'nothing has been deleted')),
+    Case('ow-demo-foreign-file-in-its-data', ('demo', '--out', '{out}', '--overwrite'),
+         demo_copy(lambda d: (d / 'data' / 'train' / 'notes.txt').write_text('mine')), words=('data/train/notes.txt', 'nothing has been deleted')),
+    Case('ow-demo-own-name-in-a-stage-folder', ('demo', '--out', '{out}', '--overwrite'),
+         demo_copy(lambda d: (d / 'prior' / 'prior.safetensors').rename(d / 'prior' / 'mine.safetensors')),
+         words=('prior/mine.safetensors',)),
+    Case('ow-demo-damaged-stage-manifest', ('demo', '--out', '{out}', '--overwrite'),
+         demo_copy(lambda d: truncate(40)(d / 'prior' / 'run.json')), words=('prior/run.json', 'damaged')),
+    # ---- late checks: the kind of dataset of --test, the prompts' source, checked before the run folder is made
+    Case('late-tokenizer-test-is-cub', T('--out', '{out}', '--test', '{cub}'), needs('cub'), words=('CUB-200', 'MD-MNIST', '--test')),
+    Case('late-prior-test-is-cub', P('--out', '{out}', data=('--data', '{train}', '--test', '{cub}')), needs('cub'),
+         words=('CUB-200', 'MD-MNIST')),
+    Case('late-cub-prior-test-is-mdmnist', P('--out', '{out}', data=('--data', '{cub}', '--test', '{test}')), needs('cub'),
+         words=('MD-MNIST', 'CUB-200')),
+    Case('late-classifier-test-is-cub', ('train', 'classifier', '--kind', 'cnn', '--data', '{train}', '--test', '{cub}',
+                                         '--steps', 2, '--out', '{out}'), needs('cub'), words=('CUB-200',)),
+    Case('late-clip-test-is-cub', ('train', 'clip', '--kind', 'vit', '--tokenizer', '{patch}', '--data', '{train}', '--test',
+                                   '{cub}', '--steps', 2, '--out', '{out}'), needs('cub'), words=('CUB-200',)),
+    Case('late-sample-cub-prior-mdmnist-prompt', S(prior='{cubprior}'), needs('cubprior'), words=('none of its words',)),
+    Case('late-sample-cub-prior-mdmnist-data', ('sample', '--prior', '{cubprior}', '--data', '{train}', '--n', 1, '--out',
+                                                '{t}/grid.png'), needs('cubprior'), words=('--data', 'MD-MNIST descriptions')),
+    Case('late-sample-mdmnist-prior-cub-data', ('sample', '--prior', '{prior}', '--data', '{cub}', '--n', 1, '--out',
+                                                '{t}/grid.png'), needs('cub'), words=('--data', 'free-text captions')),
+    Case('late-eval-cub-prior', ('eval', '--prior', '{cubprior}', '--n', 4, '--out', '{out}'), needs('cubprior'),
+         words=('cubprior',)),
+    Case('fp-bench-samplers-clip-of-another-tokenizer', ('bench', 'samplers', '--prior', '{prior}', '--n', 4, '--out', '{out}'),
+         words=('CLIP', 'another image tokenizer')),
+    # ---- numbers
+    Case('num-seed-negative-train', T('--seed', -1, '--out', '{out}'), words=('--seed', '-1')),
+    Case('num-seed-beyond-the-generator-train', T('--seed', 2 ** 64, '--out', '{out}'), words=('--seed', 'from 0 to')),
+    Case('num-seed-beyond-the-generator-sample', S('--seed', 10 ** 30), words=('--seed', 'from 0 to')),
+    Case('num-seed-beyond-the-generator-data', MD('--seed', 2 ** 63, '--out', '{out}'), words=('--seed',)),
+    Case('num-seed-not-a-number', S('--seed', 'nan'), words=('--seed', 'whole number')),
+    Case('num-steps-beyond-int64', T('--out', '{out}', steps=10 ** 20), words=('--steps', 'out of range')),
+    Case('num-n-images-beyond-the-disk', MD('--out', '{out}')[:2] + ('--n', 10 ** 13, '--size', 64, '--out', '{out}'),
+         words=('--n', 'on disk')),
+    Case('num-n-samples-beyond-memory', S('--n', 10 ** 12), words=('out of memory',)),
+    Case('num-batch-beyond-memory-bench', ('bench', 'generate', '--batch-size', 10 ** 12), words=('out of memory',)),
+    Case('num-temperature-zero', S('--temperature', 0), words=('temperature', 'top_k=1')),
+    Case('num-temperature-negative', S('--temperature', -1), words=('temperature',)),
+    Case('num-top-p-above-one', S('--top-p', 2), words=('top_p', '(0, 1]')),
+    # ---- text
+    Case('txt-prompts-not-utf8', S(prompts='{t}/p.txt'), text_file('p.txt', PROMPT.encode() + b'\n\xff\xfe caf\xe9\n'),
+         words=('p.txt', 'not UTF-8', '0xff')),
+    Case('txt-prompts-byte-order-mark-and-crlf', S(prompts='{t}/p.txt'), text_file('p.txt', b'\xef\xbb\xbf' + PROMPT.encode() + b'\r\n\r\n'),
+         status=0, check=grid_written),
+    Case('txt-prompts-only-empty-lines', S(prompts='{t}/p.txt'), text_file('p.txt', b'\n  \n\r\n'), words=('no prompts',)),
+    Case('txt-prompts-is-a-folder', S(prompts='{t}'), words=('is a folder',)),
+    Case('txt-prompt-very-long', S(prompt=PROMPT * 3000), check=short_line, words=('characters)',)),
+    Case('txt-prompt-control-character', S(prompt=PROMPT.replace(' up', ' up\x07', 1)), words=("'up\\x07'",)),
+    Case('txt-prompt-empty', S(prompt=''), words=('empty',)),
+    # ---- files of the wrong shape
+    Case('file-meta-size-not-a-number', T('--out', '{out}', '--data', '{data}'), meta_edit(size='sixty'), words=('meta.json', 'wrong type')),
+    Case('file-meta-n-missing', T('--out', '{out}', '--data', '{data}'), meta_edit(n=None), words=('meta.json',)),
+    Case('file-meta-not-an-object', T('--out', '{out}', '--data', '{data}'),
+         dataset_copy(lambda d: (d / 'meta.json').write_text('[1, 2]')), words=('meta.json',)),
+    Case('file-learner-manifest-damaged', ('exercises', '--nbs', '{nbs}', '--out', '{out}', '--overwrite'),
+         learner_copies(lambda c: truncate(30)(c['out'] / '.learner_copies.json')), words=('.learner_copies.json', 'damaged')),
+    Case('file-learner-manifest-not-a-table', ('exercises', '--nbs', '{nbs}', '--out', '{out}', '--overwrite'),
+         learner_copies(lambda c: (c['out'] / '.learner_copies.json').write_text('[1, 2]')), words=('damaged',)),
+    Case('file-notebook-not-json', ('exercises', '--nbs', '{nbs}', '--out', '{out}'), bad_notebook('{"cells": [ oops'),
+         words=('11_broken.ipynb', 'not a readable notebook')),
+    Case('file-notebook-without-cells', ('exercises', '--nbs', '{nbs}', '--out', '{out}'), bad_notebook('{"cells": 3}'),
+         words=('11_broken.ipynb', 'not a notebook')),
+    # ---- leftovers and outputs that are not ours
+    Case('left-symlinked-out-overwrite', MD('--out', '{t}/link', '--overwrite'), linked_dataset, status=0, check=link_kept),
+    Case('left-sample-overwrite-of-a-user-file', S('--overwrite'), lambda c, s: (c['t'] / 'grid.png').write_text('my picture'),
+         words=('grid.png', 'not written by')),
+    Case('left-bench-json-of-the-user', ('bench', 'generate', '--json', '{t}/r.json', '--overwrite'),
+         lambda c, s: (c['t'] / 'r.json').write_text('{"mine": 1}'), words=('r.json', 'not written by')),
+    # ---- warnings: the run goes on, with one line
+    Case('warn-test-is-the-training-data', T('--out', '{out}', '--test', '{train}'), status=0,
+         check=warned('--test is the training data'), snapshot=False),
+    # ---- Ctrl-C
+    Case('sig-ctrl-c-while-importing', S(), interrupt='startup', status=130),
+    Case('sig-ctrl-c-while-writing-a-dataset', MD('--out', '{out}')[:2] + ('--n', 40000, '--size', 64, '--out', '{out}'),
+         interrupt='appears:.out.partial-*', status=130),
     # ---- locks: a second writer while the first holds the folder
     Case('lock-second-writer-resume', T('--out', '{out}', '--resume', steps=400), busy_writer, words=('another process',),
          check=writer_untouched, snapshot=False),
     Case('lock-second-writer-overwrite', T('--out', '{out}', '--overwrite'), busy_writer, words=('another process',),
          check=writer_untouched, snapshot=False),
 ]
+
+
+def _importing_torch(pid: int) -> bool:
+    "Whether the process has begun to load torch's libraries (it is importing the library, not yet running)."
+    try: return 'libtorch' in Path(f'/proc/{pid}/maps').read_text()
+    except OSError: return False
+
+
+def interrupted(args, when: str, t: Path) -> subprocess.CompletedProcess:
+    "Run the command and send it Ctrl-C at `when` ('startup': as torch loads; 'appears:GLOB': once GLOB exists in t)."
+    proc = subprocess.Popen([sys.executable, '-m', 'dalle_course.cli', *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=_default_sigint)
+    try:
+        t0 = time.time()
+        ready = ((lambda: _importing_torch(proc.pid)) if when == 'startup'
+                 else (lambda: bool(list(t.glob(when.split(':', 1)[1])))))
+        while not ready():
+            assert proc.poll() is None, f'the command ended before {when}: {proc.stderr.read()[-2000:]}'
+            assert time.time() - t0 < 120, f'no {when} after 120 s'
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None: proc.kill(); proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.mark.parametrize('case', [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
@@ -517,12 +734,14 @@ def test_policy(case, shared, tmp_path):
         fmt = lambda a: str(a).format(**c)
         roots = (tmp_path, shared.root)
         before = snapshot(*roots) if case.snapshot else {}
-        p = c['proc'] = cli(*map(fmt, case.argv))
+        args = list(map(fmt, case.argv))
+        p = c['proc'] = cli(*args) if case.interrupt is None else interrupted(args, case.interrupt, tmp_path)
         after = snapshot(*roots) if case.snapshot else {}
         assert 'Traceback' not in p.stderr, p.stderr[-3000:]
         allowed = case.status if isinstance(case.status, tuple) else (case.status,)
         assert p.returncode in allowed, (p.returncode, p.stderr[-3000:])
         if p.returncode == 2: one_line_error(p, *map(fmt, case.words))
+        if p.returncode == 130: assert p.stderr.strip().splitlines()[-1] == 'dalle-course: interrupted', p.stderr[-2000:]
         stray = [k for k in diff(before, after)['new'] if any(s in Path(k).name for s in STRAY)]
         assert not stray, stray
         case.check(c, before, after)
@@ -533,9 +752,9 @@ def test_policy(case, shared, tmp_path):
 def test_table_covers_every_group():
     groups = {}
     for c in CASES: groups[c.id.split('-')[0]] = groups.get(c.id.split('-')[0], 0) + 1
-    need = dict(args=8, data=6, out=6, ow=4, fp=3, dmg=8, dev=3, num=3, lock=1)
+    need = dict(args=8, data=6, out=6, ow=8, fp=4, dmg=8, dev=3, num=15, lock=1, late=8, txt=6, file=6, left=3, warn=1, sig=2)
     assert all(groups.get(g, 0) >= n for g, n in need.items()), groups
-    assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
+    assert len(CASES) >= 127 and len({c.id for c in CASES}) == len(CASES)  # 87 before the reliability cases
 
 
 # ---------------------------------------------------------------- Ctrl-C, kill -9, and a killed dataset

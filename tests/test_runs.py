@@ -283,10 +283,16 @@ def test_children_are_checked_before_anything_is_deleted(tmp_path):
     with RunFolder(out, 'demo') as rf:
         rf.file('report/a.txt').write_text('a')
         with RunFolder(rf.child('prior'), 'train prior') as c: c.file('prior').write_text('p')
-    (out / 'prior' / 'mine.txt').write_text('m')  # fine beside the child's run: kept
-    (out / 'prior' / 'eval.json').write_text('{}')  # but a file of ours by name that the child did not write: refused
-    with pytest.raises(InputError, match='eval.json was not written by this run'): RunFolder(out, 'demo', overwrite=True).open()
-    assert (out / 'report' / 'a.txt').exists() and (out / 'prior' / 'prior.safetensors').exists()  # nothing deleted
+    # a file the child did not write: its stage could not start again beside it (it refuses a folder it does not own),
+    # so the parent's --overwrite is refused before it deletes anything, whether or not the name is one of ours
+    for name in ('mine.txt', 'eval.json'):
+        (out / 'prior' / name).write_text('m')
+        with pytest.raises(InputError, match=f'prior/{name} was not written by dalle-course'):
+            RunFolder(out, 'demo', overwrite=True).open()
+        assert (out / 'report' / 'a.txt').exists() and (out / 'prior' / 'prior.safetensors').exists()  # nothing deleted
+        (out / 'prior' / name).unlink()
+    RunFolder(out, 'demo', overwrite=True).open().close()  # without it: replaced
+    assert not (out / 'report').exists() and not (out / 'prior').exists()
 
 
 def test_no_stage_module_imports_another():
@@ -346,3 +352,88 @@ def test_shipped_runs_share_one_tokenizer_and_load_by_name(tmp_path, monkeypatch
     with pytest.raises(InputError, match='has no tokenizer.safetensors'): Pipeline.from_run(run)
     shutil.copy(demo_tok, run / FILES['tokenizer'])  # its own copy wins over a shared one
     assert Pipeline.from_run(run).prior.arch == 'paella'
+
+
+# ---- a refused run leaves no half-made folder; a new output file is never clobbered by a second writer
+def _tiny_stage(fail_in_data: bool):
+    "A Stage of one linear layer whose data function refuses (InputError) after the run folder opened, if asked."
+    from dalle_course.learner import Stage
+    from dalle_course.runs import Recipe
+    def data(recipe, rf):
+        rf.file('notes.json').write_text('{}')  # something written before the refusal
+        if fail_in_data: raise InputError('refused late')
+        d = torch.utils.data.TensorDataset(torch.randn(16, 4), torch.randn(16, 1))
+        return d, d
+    recipe = Recipe('toy', 'linear', 'tiny', 16, model={}, train=dict(steps=2, batch_size=4, lr=0.01, seed=0))
+    return Stage('train toy', recipe, (), build=lambda r: torch.nn.Linear(4, 1),
+                 loss=lambda m, b, hp: ((m(b[0]) - b[1]) ** 2).mean(), evaluate=lambda m, l, a, b: ({}, {}), data=data)
+
+
+@pytest.mark.parametrize('nested', [False, True])
+def test_a_refused_fresh_run_removes_what_it_made(tmp_path, nested):
+    from dalle_course.learner import train_run
+    from dalle_course.runs import RunOptions
+    out = tmp_path / ('a/b/run' if nested else 'run')
+    with pytest.raises(InputError, match='refused late'): train_run(_tiny_stage(True), RunOptions(out=out, device='cpu'))
+    assert list(tmp_path.iterdir()) == []  # every folder it made went too: a plain rerun is not blocked
+    res = train_run(_tiny_stage(False), RunOptions(out=out, device='cpu'))  # and the rerun works
+    assert res.summary['step'] == 2 and (out / 'notes.json').is_file()
+
+
+def test_a_refused_resume_keeps_the_run(tmp_path):
+    from dalle_course.learner import train_run
+    from dalle_course.runs import RunOptions
+    out = tmp_path / 'run'
+    train_run(_tiny_stage(False), RunOptions(out=out, device='cpu'))
+    before = listing(out)
+    with pytest.raises(InputError): train_run(_tiny_stage(True), RunOptions(out=out, resume=True, steps=3, device='cpu'))
+    assert listing(out) == before  # a resumed run is never removed
+
+
+def test_an_exclusive_write_refuses_a_file_that_appeared(tmp_path):
+    from dalle_course.core import write_bytes_atomic
+    p = tmp_path / 'grid.png'
+    write_bytes_atomic(p, b'first', replace=False)
+    with pytest.raises(InputError, match='another process'): write_bytes_atomic(p, b'second', replace=False)
+    assert p.read_bytes() == b'first' and listing(tmp_path) == ['grid.png']
+    write_bytes_atomic(p, b'third')  # replace=True: an overwrite the user asked for
+    assert p.read_bytes() == b'third'
+
+
+def test_written_by_mark_reads_every_sample_format(tmp_path):
+    import io
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from dalle_course.runs import mark_metadata, written_by_mark
+    fig = plt.figure(figsize=(1, 1))
+    for suffix in ('.png', '.jpg', '.pdf', '.svg'):
+        fig.savefig(tmp_path / f'a{suffix}', **mark_metadata(suffix, 'dalle-course sample'))
+        fig.savefig(tmp_path / f'b{suffix}')  # no mark: a file of the user's
+        assert written_by_mark(tmp_path / f'a{suffix}') == 'dalle-course sample', suffix
+        assert written_by_mark(tmp_path / f'b{suffix}') is None, suffix
+    plt.close(fig)
+    np.savez(tmp_path / 'a.npz', x=np.zeros(2), written_by=np.array('dalle-course sample'))
+    np.savez(tmp_path / 'b.npz', x=np.zeros(2))
+    (tmp_path / 'c.npz').write_bytes(b'not a zip')
+    assert [written_by_mark(tmp_path / f'{k}.npz') for k in 'abc'] == ['dalle-course sample', None, None]
+
+
+def test_split_train_test_refuses_another_kind_and_warns_on_overlap(tmp_path, capsys):
+    from dalle_course.datasets import open_dataset, split_train_test
+    from dalle_course.mdmnist import write_mdmnist
+    write_mdmnist(tmp_path / 'd', n=40, seed=0, size=64, show_progress=False)
+    ds = open_dataset(tmp_path / 'd')
+    split_train_test(torch.utils.data.Subset(ds, range(30)), torch.utils.data.Subset(ds, range(30, 40)))
+    assert capsys.readouterr().err == ''  # disjoint: nothing to say
+    split_train_test(torch.utils.data.Subset(ds, range(30)), torch.utils.data.Subset(ds, range(24, 40)))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and '6 of the 16 test images are also in the training data' in err[0]
+    split_train_test(ds, ds)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and '--test is the training data itself' in err[0]
+
+    class Other(torch.utils.data.Dataset):  # a dataset of another reader
+        def __len__(self): return 4
+        def __getitem__(self, i): return {'image': torch.zeros(3, 64, 64), 'caption': 'a bird'}
+    with pytest.raises(InputError, match='--test holds Other data but --data holds MD-MNIST data'): split_train_test(ds, Other())
