@@ -124,7 +124,8 @@ TRAIN_COMMANDS['classifier'] = dict(
 def _report_clip(args, res) -> str:
     e, s = res['eval'], res['summary']
     r, b = e['retrieval'], e.get('binding', {})
-    bind = ', '.join(f"{k} {100 * v:.1f}%" for k, v in b.items() if k != 'n')
+    bind = ', '.join(f"{k} {100 * v:.1f}%" for k, v in b.items() if k not in ('n', 'ties'))
+    if bind and 'ties' in b: bind += f" (tied {100 * b['ties']:.1f}%)"
     return (f"CLIP ({args.preset}): {s['step']} steps in {s['seconds']:.1f} s; test retrieval among {r['n']}: text->image "
             f"R@1 {100 * r['t2i_R@1']:.1f}%, R@5 {100 * r['t2i_R@5']:.1f}%, image->text R@1 {100 * r['i2t_R@1']:.1f}%, "
             f"R@5 {100 * r['i2t_R@5']:.1f}%" + (f"; binding (true caption above one changed): {bind}" if bind else '')

@@ -16,7 +16,7 @@ import dalle_course
 from .core import (InputError, shipped, autocast, get_device, load_model, model_fingerprint, progress,
                                read_checkpoint_meta, require as _check, save_model, seed_everything)
 from .datasets import all_captions, dataset_fingerprint, image_size as dataset_image_size, split_train_test, text_spec
-from .evaluation import _pair_scores, caption_following, perturb_attributes
+from .evaluation import _pair_scores, caption_following, perturb_attributes, top_k_share
 from .image_tokenizer import ImageTokenizer, load_tokenizer
 from .learner import Stage, train_run
 from .mdmnist import FIELDS, N_SLOTS, caption, parse_caption
@@ -284,28 +284,33 @@ def clip_score(clip: CLIP, text_tok, images: torch.Tensor, texts: list[str]) -> 
     return clip_scorer(clip, text_tok)(images, texts)
 
 def retrieval(clip: CLIP, text_tok, images: torch.Tensor, texts: list[str], ks=(1, 5)) -> dict:
-    "R@k text->image and image->text among the n test pairs (the pair i is image i with text i)."
+    """R@k text->image and image->text among the n test pairs (the pair i is image i with text i), ties split (lesson
+    25's `top_k_share`): a true item tied with others across the cutoff k counts for the share of the tied places
+    that fall within k, so a CLIP that cannot tell the items apart reads k/n, chance. `t2i_ties` / `i2t_ties`: the
+    share of queries whose true item scores exactly as another candidate."""
     ei, et = embed_images(clip, images), embed_texts(clip, text_tok, texts)
     sim = ei @ et.T                                                       # (n images, n texts)
     n = len(sim)
-    true = sim.diagonal()
-    rank_t2i = (sim > true[None, :]).sum(0)                               # images scoring above the true one, per text
-    rank_i2t = (sim > true[:, None]).sum(1)                               # texts scoring above the true one, per image
+    i = torch.arange(n)
     out = {'n': n}
-    for k in ks:
-        out[f't2i_R@{k}'] = float((rank_t2i < k).float().mean()); out[f'i2t_R@{k}'] = float((rank_i2t < k).float().mean())
+    for k in ks:                                                          # text->image: rows of sim.T; image->text: rows of sim
+        out[f't2i_R@{k}'] = float(top_k_share(sim.T, i, k)[0].mean()); out[f'i2t_R@{k}'] = float(top_k_share(sim, i, k)[0].mean())
+    out['t2i_ties'], out['i2t_ties'] = (float(top_k_share(m, i)[1].double().mean()) for m in (sim.T, sim))
     return out
 
 def binding_accuracy(clip: CLIP, text_tok, images: torch.Tensor, attributes, seed: int = 0) -> dict:
-    "Per hard-negative kind: the share of images whose true caption scores strictly above its negative (chance 0.5)."
+    """Per hard-negative kind: the share of images whose true caption scores above its negative, a tie counting 1/2
+    (chance 0.5); `ties`: the share of all (image, negative) pairs, every kind together, that score the same."""
     a = np.asarray(attributes)
     rng = np.random.default_rng(seed)
     ei, et = embed_images(clip, images), embed_texts(clip, text_tok, [caption(x) for x in a])
     true = (ei * et).sum(-1)
-    out = {'n': len(a)}
+    out, tied = {'n': len(a)}, []
     for kind in NEGATIVE_KINDS:
         en = embed_texts(clip, text_tok, [caption(hard_negative(x, kind, rng)) for x in a])
-        out[kind] = float((true > (ei * en).sum(-1)).float().mean())
+        share, t = top_k_share(torch.stack([true, (ei * en).sum(-1)], 1))   # column 0: the true caption
+        out[kind] = float(share.mean()); tied.append(t)
+    out['ties'] = float(torch.cat(tied).double().mean())
     return out
 
 def evaluate_clip(clip: CLIP, text_tok, images: torch.Tensor, captions: list[str], attributes=None, seed: int = 0) -> dict:
@@ -333,6 +338,10 @@ def train_clip(kind: str, tokenizer, data, preset: str = 'tiny', options: RunOpt
     'text_tokenizer', 'test_images', 'test_captions', 'test_attributes')."""
     o = RunOptions.make(options, **run)
     get_device(o.device)
+    _check(o.grad_accum == 1 and (o.overrides or {}).get('train', {}).get('grad_accum', 1) == 1,
+           f"--grad-accum {o.grad_accum} would split each batch into micro-batches, and the contrastive loss would see "
+           f"only a micro-batch's in-batch negatives instead of the whole batch's; drop --grad-accum (lower --batch-size "
+           f"if memory is short)")
     if not isinstance(tokenizer, ImageTokenizer):
         src = Path(tokenizer)
         tokenizer = load_tokenizer(src)  # a file, or a run folder (its own copy or the one its tokenizer.ref names)
@@ -379,7 +388,10 @@ def load_clip_run(run=None, device: str | torch.device = 'cpu') -> tuple:
 def rerank_curve(pipe, scorer, ruler, prompts: list[str], ns=(1, 2, 4, 8, 16, 32), seed: int = 0,
                  batch_size: int = 64, show_progress: bool = False, **sampling) -> dict:
     """Best-of-N reranking: `max(ns)` samples per MD-MNIST prompt, scored by `scorer` (e.g. `clip_scorer`); for each N
-    the ruler's caption-following scores of the best of the first N, and the seconds per prompt it costs."""
+    the ruler's caption-following scores of the best of the first N, the seconds per prompt it costs, and `ties`, the
+    share of prompts whose best score among the first N is shared by two or more samples. A tie keeps the first of
+    the tied samples: the N samples of a prompt are independent draws, so the first of them is as good as a uniformly
+    random pick and favours nothing, and a scorer that scores every sample alike gives the N = 1 curve."""
     _check(len(ns) > 0 and min(ns) >= 1, f"ns must be positive sample counts, got {ns}")
     said = torch.as_tensor(np.stack([parse_caption(p) for p in prompts]))           # (P, 3, 4)
     P, N = len(prompts), max(ns)
@@ -397,6 +409,7 @@ def rerank_curve(pipe, scorer, ruler, prompts: list[str], ns=(1, 2, 4, 8, 16, 32
         r = caption_following(said, seen[torch.arange(P), best])
         rows[n] = {k: v for k, v in r.items() if k not in ('reasons', 'chance')}
         rows[n]['seconds_per_prompt'] = n * (t_gen + t_score) / (P * N)
+        rows[n]['ties'] = float(top_k_share(s[:, :n], best)[1].double().mean())          # the kept sample tied with another
     return {'ns': list(ns), 'rows': rows, 'scores': s, 'images': images, 'n_prompts': P,
             'seconds': {'sampling': t_gen, 'scoring': t_score}}
 

@@ -15,19 +15,11 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['SEED_MAX', 'CHECKPOINT_FORMAT', 'MODEL_FORMAT', 'MODELS', 'seed_everything', 'InputError', 'require', 'abbrev',
-           'warn', 'check_seed', 'get_device', 'autocast', 'world_info', 'is_main_process', 'progress', 'to_uint8_hwc',
+__all__ = ['SEED_MAX', 'CHECKPOINT_FORMAT', 'MODEL_FORMAT', 'MODELS', 'InputError', 'require', 'abbrev', 'warn', 'check_seed',
+           'seed_everything', 'get_device', 'autocast', 'world_info', 'is_main_process', 'progress', 'to_uint8_hwc',
            'image_grid', 'pack_state', 'unpack_state', 'save_safetensors', 'save_checkpoint', 'read_checkpoint_meta',
            'load_checkpoint', 'damaged', 'read_json', 'write_bytes_atomic', 'write_text_atomic', 'register_model',
            'model_class', 'save_model', 'load_model', 'model_fingerprint', 'shipped']
-
-# %% ../nbs/00_core.ipynb #00_core-005
-def seed_everything(seed: int) -> None:
-    "Seed Python's `random`, NumPy's global RNG and torch's CPU and CUDA generators with `seed` (0 to 2**63 - 1)."
-    seed = check_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # also seeds every CUDA device
 
 # %% ../nbs/00_core.ipynb #00_core-009
 class InputError(ValueError):
@@ -54,6 +46,14 @@ def check_seed(seed) -> int:
     require(not isinstance(seed, bool) and isinstance(seed, (int, np.integer)) and 0 <= seed <= SEED_MAX,
             f"the seed must be a whole number from 0 to {SEED_MAX}, got {abbrev(seed, 30)}")
     return int(seed)
+
+# %% ../nbs/00_core.ipynb #00_core-005
+def seed_everything(seed: int) -> None:
+    "Seed Python's `random`, NumPy's global RNG and torch's CPU and CUDA generators with `seed` (0 to 2**63 - 1)."
+    seed = check_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
 
 # %% ../nbs/00_core.ipynb #00_core-012
 def get_device(name: str | None = None) -> torch.device:

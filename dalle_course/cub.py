@@ -15,7 +15,8 @@ from PIL import Image
 from .clip import clip_scorer
 from .core import InputError, image_grid, require as _check
 from .datasets import all_captions, open_dataset, split_train_test
-from .evaluation import bootstrap_ci, cics, teacher_forced_ce
+from .evaluation import bootstrap_ci, cics, teacher_forced_ce, top_k_share
+from .pipeline import check_prompt_source
 from .study import load_judged, real_image_ce
 from .runs import RunFolder
 from .text import length_at_percentile, words
@@ -344,9 +345,12 @@ def ctrs_text_captions(captions: list[str], max_m: int = 4, seed: int = 0) -> li
 
 def ctrs_text(scorer, images: torch.Tensor, captions: list[str], max_m: int = 4, seed: int = 0, batch_size: int = 256) -> dict:
     """CTRS (thesis §4.3.3) for free text: each image is scored against its caption and against versions with
-    m = 1..max_m words changed within their role. `counts[m]`: images whose best-scored caption has m changes (ties
-    go to fewer); `beats[m]`: the share of images (of those whose caption has m changeable words) whose true caption
-    scores strictly above the one with m changes; `n_with_m[m]`; `scores` (n, 1 + max_m), -inf where absent."""
+    m = 1..max_m words changed within their role, ties split as in lesson 25's `ctrs` (`top_k_share`). `counts[m]`:
+    images whose best-scored caption has m changes, a tie among j captions at the top adding 1/j to each (floats);
+    `true_first`; `beats[m]`: the share of images (of those whose caption has m changeable words) whose true caption
+    scores above the one with m changes, a tie counting 1/2; `ties`: the share of images whose best score is shared;
+    `beats_ties[m]`: the share (of the same images) whose true caption and the one with m changes score the same;
+    `n_with_m[m]`; `scores` (n, 1 + max_m), -inf where absent (never a tie with a real score)."""
     _check(len(images) == len(captions), f"{len(images)} images but {len(captions)} captions; pass one caption per image")
     caps = ctrs_text_captions(captions, max_m, seed)
     pairs = [(i, m, c) for i, cs in enumerate(caps) for m, c in enumerate(cs) if c is not None]
@@ -356,12 +360,14 @@ def ctrs_text(scorer, images: torch.Tensor, captions: list[str], max_m: int = 4,
         idx = torch.tensor([i for i, _, _ in chunk])
         v = torch.as_tensor(scorer(images[idx], [c for _, _, c in chunk])).float().cpu().reshape(-1)
         for (i, m, _), x in zip(chunk, v.tolist()): s[i, m] = x
-    won = s.argmax(1)
     has = torch.isfinite(s)
-    beats = [None] + [float((s[has[:, m], 0] > s[has[:, m], m]).float().mean()) if has[:, m].any() else None
-                      for m in range(1, max_m + 1)]
-    return {'n_images': len(caps), 'counts': torch.bincount(won, minlength=max_m + 1).tolist(),
-            'true_first': float((won == 0).float().mean()), 'beats': beats, 'n_with_m': has.sum(0).tolist(), 'scores': s}
+    first = torch.stack([top_k_share(s, m)[0] * has[:, m] for m in range(max_m + 1)], 1)  # (n, 1 + max_m) share of first place
+    pair = [top_k_share(s[has[:, m]][:, [0, m]]) if has[:, m].any() else None for m in range(1, max_m + 1)]
+    return {'n_images': len(caps), 'counts': [round(c, 9) for c in first.sum(0).tolist()], 'true_first': float(first[:, 0].mean()),
+            'beats': [None] + [None if p is None else float(p[0].mean()) for p in pair],
+            'ties': float((first.max(1).values < 1).double().mean()),
+            'beats_ties': [None] + [None if p is None else float(p[1].double().mean()) for p in pair],
+            'n_with_m': has.sum(0).tolist(), 'scores': s}
 
 # %% ../nbs/33_cub.ipynb #33_cub-038
 def fit_prompts(text_tok, captions: list[str], L: int) -> list[str]:
@@ -383,6 +389,7 @@ def evaluate_text_priors(runs: dict, data, clip_run, n: int = 256, seed: int = 0
     _check(clip_run is not None, "free-text data needs a CLIP trained on it: pass --clip, the --out folder of "
            "`dalle-course train clip --data ROOT ...`")
     j = load_judged(runs, clip_run, device, md_mnist=False)  # the judging core of lesson 29
+    for p in j['pipes'].values(): check_prompt_source(p.text_tokenizer, data)  # free text for a prior of free text
     priors = {name: dict(pipe=p, prior=p.prior, tokenizer=p.tokenizer, text_tok=p.text_tokenizer, run=Path(runs[name]))
               for name, p in j['pipes'].items()}
     S, clip, clip_tok = j['image_size'], j['clip'], j['clip_tok']

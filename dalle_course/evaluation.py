@@ -20,9 +20,9 @@ from .sampling import eval_mode
 # %% auto #0
 __all__ = ['ATTRIBUTE_CHANCE', 'BINDING_CHANCE', 'CHANCE', 'CTRS_M', 'teacher_forced_ce', 'plot_ce_distribution',
            'failure_reasons', 'caption_following', 'digit_box_mask', 'background_level', 'score_images',
-           'score_reconstructions', 'following_table', 'plot_following', 'perturb_attributes', 'ctrs_captions', 'ctrs',
-           'ruler_scorer', 'betainc', 't_test_p', 'paired_t_p', 'welch_t_p', 'sign_test_p', 'bootstrap_ci', 'cics',
-           'following_ci', 'following_by_combination']
+           'score_reconstructions', 'following_table', 'plot_following', 'perturb_attributes', 'ctrs_captions',
+           'top_k_share', 'ctrs', 'ruler_scorer', 'betainc', 't_test_p', 'paired_t_p', 'welch_t_p', 'sign_test_p',
+           'bootstrap_ci', 'cics', 'following_ci', 'following_by_combination']
 
 # %% ../nbs/25_evaluation.ipynb #25_evaluation-005
 @torch.no_grad()
@@ -200,18 +200,38 @@ def _pair_scores(scorer, images: torch.Tensor, texts: list[str], idx: torch.Tens
            for i in range(0, len(texts), batch_size)]
     return torch.cat(out)
 
+def top_k_share(scores, true=0, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank with split ties. `scores` (n, c): each row scores c candidates; `true`: the column of the row's true one (an
+    int, or (n,) ints). Sort a row from the highest score down, breaking ties uniformly at random: the true candidate
+    falls on each place of its tie group alike. Returns `(share, tied)`, both (n,): `share`, the chance it lands among
+    the first k places, clamp(k - above, 0, t + 1) / (t + 1) with `above` candidates strictly higher and t others
+    equal to it (1 or 0 when nothing ties: the expected value of a hit); `tied`, whether t > 0. -inf is a score (an
+    absent candidate, below every real one); NaN is refused."""
+    s = torch.as_tensor(scores).double()
+    if s.ndim != 2 or s.shape[1] == 0: raise InputError(f"scores must have shape (n, c) with c >= 1, got {tuple(s.shape)}")
+    if torch.isnan(s).any(): raise InputError("the scores hold NaN; a scorer must return a number for every pair")
+    true = torch.as_tensor(true, dtype=torch.long).expand(len(s))
+    mine = s.gather(1, true[:, None])                                             # (n, 1) the true candidate's score
+    above, others = (s > mine).sum(1), (s == mine).sum(1) - 1
+    return torch.minimum((k - above).clamp_min(0), others + 1).double() / (others + 1), others > 0
+
 def ctrs(scorer, images: torch.Tensor, attributes, seed: int = 0, batch_size: int = 256) -> dict:
-    """CTRS (thesis §4.3.3) of `images` (n, 3, S, S) drawn for `attributes` (n, 3, 4): `counts[m]`, the images whose
-    best-scored description has m changes (0: the true one; ties go to it); `beats[m]`, the share of images whose
-    true description scores strictly above the one with m changes; `true_first`; `scores` (n, 13)."""
+    """CTRS (thesis §4.3.3) of `images` (n, 3, S, S) drawn for `attributes` (n, 3, 4), ties split (`top_k_share`):
+    `counts[m]`, the images whose best-scored description has m changes (0: the true one), a tie among j descriptions
+    at the top adding 1/j to each (floats); `true_first` = counts[0] / n; `beats[m]`, the share of images whose true
+    description scores above the one with m changes, a tie counting 1/2; `ties`, the share of images whose best score
+    is shared by two or more descriptions; `beats_ties[m]`, the share whose true description and the one with m
+    changes score the same; `scores` (n, 13). A scorer that scores every description alike reads chance: 1/13, 1/2."""
     caps = ctrs_captions(attributes, seed)
     n, M = len(caps), len(CTRS_M)
     if len(images) != n: raise InputError(f"{len(images)} images but {n} attribute rows; pass one row per image")
     s = _pair_scores(scorer, images, [c for cs in caps for c in cs], torch.arange(n).repeat_interleave(M), batch_size)
     s = s.view(n, M)                                                   # (n, 13)
-    won = s.argmax(1)                                                  # the first maximum: ties go to fewer changes
-    return {'n_images': n, 'counts': torch.bincount(won, minlength=M).tolist(), 'true_first': float((won == 0).float().mean()),
-            'beats': [None] + (s[:, :1] > s[:, 1:]).float().mean(0).tolist(), 'scores': s}
+    first = torch.stack([top_k_share(s, m)[0] for m in range(M)], 1)   # (n, 13) each description's share of first place
+    pair = [top_k_share(s[:, [0, m]]) for m in range(1, M)]            # the true description against m changes
+    return {'n_images': n, 'counts': [round(c, 9) for c in first.sum(0).tolist()], 'true_first': float(first[:, 0].mean()),
+            'beats': [None] + [float(b.mean()) for b, _ in pair], 'ties': float((first.max(1).values < 1).double().mean()),
+            'beats_ties': [None] + [float(t.double().mean()) for _, t in pair], 'scores': s}
 
 def ruler_scorer(ruler):
     "A scorer that counts the attributes of each text the ruler reads in its image (0..12): a known-answer scorer."

@@ -164,6 +164,8 @@ def write_learner_copies(src_dir=None, out_dir='my_course', overwrite: bool = Fa
     old = out_dir / MANIFEST
     if out_dir.exists() and not out_dir.is_dir(): raise InputError(f"{out_dir} is a file; choose a folder for --out")
     if out_dir.exists() and any(out_dir.iterdir()):
+        if not old.is_file(): raise InputError(f"{out_dir} holds files this command did not write (no {MANIFEST}); "
+                                                f"choose another --out")
         if not overwrite: raise InputError(f"{out_dir} exists and is not empty; choose another --out or add --overwrite")
         try: ours = json.loads(old.read_text(encoding='utf-8')) if old.is_file() else {}
         except (ValueError, UnicodeDecodeError): ours = None

@@ -243,11 +243,11 @@ def _check_out(out: Path, overwrite: bool):
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, not a folder; choose a folder path for the dataset")
     if out.is_dir() and any(out.iterdir()):
+        if not _is_mdmnist_folder(out):  # said first: --overwrite would not help, so it is not suggested
+            raise InputError(f"--out {out} holds files that are not an MD-MNIST dataset, so it is never replaced; "
+                             f"choose another --out")
         if not overwrite:
             raise InputError(f"--out {out} exists and is not empty; choose another --out or add --overwrite to replace it")
-        if not _is_mdmnist_folder(out):
-            raise InputError(f"--out {out} holds files that are not an MD-MNIST dataset, so --overwrite will not "
-                             f"delete it; choose another --out")
 
 def _check_space(out: Path, n: int, size: int):
     "Refuse (one line) a dataset the disk cannot hold, or whose attribute tables would not fit in memory."

@@ -11,10 +11,11 @@ import numpy as np
 import torch
 
 from .clip import clip_scorer, load_clip_run, rerank_curve
-from .core import InputError, get_device, model_fingerprint, require as _check
+from .core import InputError, get_device, model_fingerprint, require as _check, warn
 from .evaluation import (CTRS_M, bootstrap_ci, caption_following, cics, ctrs, following_by_combination, following_ci, paired_t_p,
-                                     sign_test_p, teacher_forced_ce)
-from .mdmnist import FIELDS, draw_attributes, captions as mdmnist_captions, generate_mdmnist, holdout_tokens, parse_holdout
+                                     sign_test_p, teacher_forced_ce, top_k_share)
+from .mdmnist import (FIELDS, draw_attributes, captions as mdmnist_captions, generate_mdmnist, holdout_tokens,
+                                  parse_caption, parse_holdout)
 from .pipeline import Pipeline
 from .ruler import load_ruler
 from .runs import Recipe, RunFolder
@@ -80,6 +81,23 @@ def load_study_inputs(runs: dict, clip_run=None, classifier=None, device=None) -
     return dict(priors=priors, clip=j['clip'], clip_tok=j['clip_tok'], ruler=ruler, image_size=S, device=dev,
                 clip_run=str(clip_run or 'shipped'), classifier=str(classifier or 'shipped'))
 
+def _warn_trained_on(name: str, run: Path, holdout):
+    "One-line warning (the study goes on) if the prior's training captions show a held-out value-colour pair."
+    f = Path(run) / 'captions.json'
+    if not holdout or not f.is_file(): return
+    try: train = json.loads(f.read_text(encoding='utf-8')).get('train', [])
+    except (ValueError, AttributeError): return
+    pairs = set(map(tuple, holdout)); hits = {}
+    for caps in train:
+        for c in (caps if isinstance(caps, list) else [caps]):
+            try: a = parse_caption(c)
+            except (InputError, ValueError): continue
+            for v, col in {(int(a[s, 0]), int(a[s, 2])) for s in range(len(a))} & pairs: hits[(v, col)] = hits.get((v, col), 0) + 1
+    if hits:
+        ex = ', '.join(f"{t} in {hits[p]}" for p, t in zip(hits, holdout_tokens(list(hits))))
+        warn(f"the prior {name} was trained on captions that show the held-out pairs ({ex} training captions), so its "
+             f"'held-out' scores are for pairs it saw; evaluate a prior trained on `data mdmnist --holdout ...` data")
+
 def evaluate_priors(runs: dict, clip_run=None, classifier=None, n: int = 1000, seed: int = 0, device=None,
                     batch_size: int = 64, n_boot: int = 2000, rerank_ns=(), rerank_prompts: int = 48,
                     show_progress: bool = False, inputs: dict | None = None, holdout=()) -> dict:
@@ -95,6 +113,7 @@ def evaluate_priors(runs: dict, clip_run=None, classifier=None, n: int = 1000, s
     said, prompts = unseen_descriptions(n, seed)                            # (n, 3, 4) and their n captions
     real = generate_mdmnist(n, seed=seed + 104729, size=S, split='test')     # real test images for the CE
     holdout = parse_holdout(holdout) if isinstance(holdout, str) else tuple(tuple(p) for p in holdout)
+    for name, p in priors.items(): _warn_trained_on(name, p['run'], holdout)
     out, raw = {'n': n, 'seed': seed, 'image_size': S, 'holdout': holdout_tokens(holdout), 'clip_run': inputs['clip_run'],
                 'classifier': inputs['classifier'], 'models': {}}, {}
     for name, p in priors.items():
@@ -113,7 +132,7 @@ def evaluate_priors(runs: dict, clip_run=None, classifier=None, n: int = 1000, s
              'following_ci': following_ci(said, seen, n_boot=n_boot, seed=seed),
              'clip_score': float(cs.mean()), 'clip_score_ci': bootstrap_ci(cs, None, n_boot, seed=seed),
              'ctrs': {k: v for k, v in ct.items() if k != 'scores'},
-             'ctrs_true_first_ci': bootstrap_ci((ct['scores'].argmax(1) == 0).double(), None, n_boot, seed=seed),
+             'ctrs_true_first_ci': bootstrap_ci(top_k_share(ct['scores'])[0], None, n_boot, seed=seed),  # ties split, as ctrs
              p['prior'].ce_kind: float(ce.mean()), 'ce_ci': bootstrap_ci(ce, None, n_boot, seed=seed),  # denoising_ce: lesson 31
              'sampling_seconds': secs, 'images_per_s': n / secs}
         if holdout: m['combinations'] = following_by_combination(said, seen, holdout)
@@ -135,8 +154,8 @@ def evaluate_priors(runs: dict, clip_run=None, classifier=None, n: int = 1000, s
             'exact': {'only_a': only_a, 'only_b': only_b, 'p_sign': sign_test_p(only_a, only_a + only_b)},
             **({'teacher_forced_ce': _paired(raw[a]['ce'], raw[b]['ce'], n_boot, seed)}
                if priors[a]['prior'].ce_kind == priors[b]['prior'].ce_kind == 'teacher_forced_ce' else {}),
-            'ctrs_true_first': _paired((raw[a]['ctrs_scores'].argmax(1) == 0).float(),
-                                       (raw[b]['ctrs_scores'].argmax(1) == 0).float(), n_boot, seed)}
+            'ctrs_true_first': _paired(top_k_share(raw[a]['ctrs_scores'])[0], top_k_share(raw[b]['ctrs_scores'])[0],
+                                       n_boot, seed)}
     out['raw'] = raw
     out['prompts'] = prompts
     return out
@@ -154,6 +173,10 @@ def _pct(v, ci=None) -> str:
 
 def _num(v, ci=None, f='.4f') -> str:
     return f"{v:{f}}" + (f" [{ci[0]:{f}}, {ci[1]:{f}}]" if ci else '')
+
+def _count(v) -> str:
+    "A CTRS count: split ties make it a fraction (one decimal), a whole number prints as one."
+    return f"{v:.1f}".removesuffix('.0')
 
 def _p(p) -> str:
     return 'n/a' if p != p else (f"{p:.1e}" if p < 1e-3 else f"{p:.3f}")
@@ -180,7 +203,7 @@ def study_table(res: dict) -> str:
         row('CLIP score difference, paired', ['' for _ in names], _num(x['mean_diff'], x['mean_diff_ci'], '.3f'), f"{_p(x['p_paired_t'])} (paired t)")
     row('CTRS: true description first (%)', [_pct(M[n]['ctrs']['true_first'], M[n]['ctrs_true_first_ci']) for n in names],
         *((_pct(c['ctrs_true_first']['diff'], c['ctrs_true_first']['diff_ci']), _p(c['ctrs_true_first']['p_paired_t'])) if two else ()))
-    row('CTRS counts m = 0, 1, 2, 3, 4, ≥5', [', '.join(map(str, M[n]['ctrs']['counts'][:5] + [sum(M[n]['ctrs']['counts'][5:])])) for n in names])
+    row('CTRS counts m = 0, 1, 2, 3, 4, ≥5', [', '.join(map(_count, M[n]['ctrs']['counts'][:5] + [sum(M[n]['ctrs']['counts'][5:])])) for n in names])
     ce_of = lambda m: m.get('teacher_forced_ce', m.get('denoising_ce'))  # noqa: E731  (denoising: Paella, MaskGIT)
     row('teacher-forced CE (nats/token)' if all('teacher_forced_ce' in M[n] for n in names) else
         'CE on real test images (nats/token; teacher-forced, or denoising for a parallel prior)', [_num(ce_of(M[n]), M[n]['ce_ci']) for n in names],

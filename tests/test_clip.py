@@ -79,9 +79,38 @@ def test_ctrs_on_scorers_with_known_answers():
     r = ctrs(inverted, x, att)
     assert r['counts'] == [0] * 12 + [n] and r['true_first'] == 0.0
     flat = lambda images, texts: torch.zeros(len(texts))                      # noqa: E731  a tie everywhere
-    r = ctrs(flat, x, att)
-    assert r['counts'][0] == n and all(b == 0.0 for b in r['beats'][1:])       # ties go to the truth, but never beat
     with pytest.raises(InputError, match='one row per image'): ctrs(flat, x[:3], att)
+
+
+# ---- ties: every rank-based measure splits them (the expected value under a uniformly random tie-break)
+def test_top_k_share_by_hand():
+    from dalle_course.evaluation import top_k_share
+    s = torch.tensor([[1., 1, 0, 0], [0, 1, 1, 1], [2, 1, 1, 0], [3, 2, 1, 0]])
+    share, tied = top_k_share(s)                                               # column 0 is the true one, k = 1
+    assert share.tolist() == [0.5, 0.0, 1.0, 1.0] and tied.tolist() == [True, False, False, False]
+    assert top_k_share(s, torch.tensor([1, 2, 1, 3]), k=2)[0].tolist() == [1.0, 2 / 3, 0.5, 0.0]  # ties across k = 2
+    assert top_k_share(s, 3, k=4)[0].tolist() == [1.0] * 4
+    assert top_k_share(torch.full((5, 7), -1.0))[0].tolist() == [1 / 7] * 5     # a constant scorer: chance
+    inf = torch.tensor([[0.0, float('-inf'), float('-inf')]])                   # -inf: an absent candidate, below any score
+    assert top_k_share(inf)[0].item() == 1.0 and top_k_share(inf, 1)[0].item() == 0.0
+    with pytest.raises(InputError, match='NaN'): top_k_share(torch.tensor([[0.0, float('nan')]]))
+
+
+def test_ctrs_splits_ties_constant_and_two_valued_scorers():
+    n = 40; att = rand_attrs(n, 1); x = _indexed_images(n)
+    flat = ctrs(lambda images, texts: torch.zeros(len(texts)), x, att)         # all 13 descriptions tie: chance
+    assert flat['counts'] == pytest.approx([n / 13] * 13) and flat['true_first'] == pytest.approx(1 / 13)
+    assert flat['beats'][1:] == [0.5] * 12 and flat['ties'] == 1.0 and flat['beats_ties'][1:] == [1.0] * 12
+    oracle = _oracle(att)
+    def two(images, texts):  # even images: 1 for at most 2 changes, else 0; odd images: minus the changes (no ties)
+        changes = -oracle(images, texts)
+        even = (images[:, 0, 0, 0] * 255).round().long() % 2 == 0
+        return torch.where(even, (changes <= 2).float(), -changes)
+    r = ctrs(two, x, att)
+    # by hand: each of the 20 even images gives 1/3 to m = 0, 1, 2; the 20 odd ones put the true description first
+    assert r['counts'] == pytest.approx([20 / 3 + 20, 20 / 3, 20 / 3] + [0] * 10) and r['true_first'] == pytest.approx(2 / 3)
+    assert r['beats'][1:] == pytest.approx([0.75, 0.75] + [1.0] * 10)         # even: a tie (1/2) at m = 1, 2; odd: 1
+    assert r['ties'] == 0.5 and r['beats_ties'][1:] == pytest.approx([0.5, 0.5] + [0.0] * 10)
 
 
 # ---- statistics
@@ -235,11 +264,96 @@ def test_retrieval_and_binding_on_a_bag_of_words_judge():
     bag = _BagOfWords(None); bag.table = bag.encode_text(tt.encode_batch(caps, length=12))
     x = _indexed_images(n)
     r = retrieval(bag, tt, x, caps, ks=(1, 5))
-    assert r['t2i_R@1'] == r['i2t_R@1'] == 1.0 and r['n'] == n
+    assert r['t2i_R@1'] == r['i2t_R@1'] == 1.0 and r['n'] == n and r['t2i_ties'] == r['i2t_ties'] == 0.0
     shuffled = [caps[(i + 1) % n] for i in range(n)]                                # every caption with the wrong image
     assert retrieval(bag, tt, x, shuffled, ks=(1,))['t2i_R@1'] == 0.0
     b = binding_accuracy(bag, tt, x, att)
-    assert b['order'] == 0.0 and min(b[k] for k in FIELDS) == 1.0                 # a bag of words cannot see order
+    # a bag of words cannot see order: the reordered caption ties with the true one every time, half a win each
+    assert b['order'] == 0.5 and min(b[k] for k in FIELDS) == 1.0 and b['ties'] == pytest.approx(1 / len(NEGATIVE_KINDS))
+
+
+class _Lookup(nn.Module):
+    "A stand-in CLIP: image i (i = its first pixel x 255) embeds as img[i], the caption 'j' (one token j) as txt[j]."
+    text_len = 1
+    def __init__(self, img, txt): super().__init__(); self.img, self.txt, self.w = img, txt, nn.Parameter(torch.zeros(1))
+    def encode_image(self, x): return self.img[(x[:, 0, 0, 0] * 255).round().long()]
+    def encode_text(self, t): return self.txt[t[:, 0]]
+
+
+class _IdTok:
+    "A stand-in text tokenizer: the caption 'j' is the one token j."
+    def encode_batch(self, texts, length, truncate=False): return torch.tensor([[int(t)] for t in texts])
+
+
+def test_retrieval_and_binding_split_ties():
+    n = 16                                                 # a CLIP that embeds everything alike reads chance
+    same = _Lookup(torch.ones(n, 2), torch.ones(n, 2))
+    r = retrieval(same, _IdTok(), _indexed_images(n), [str(j) for j in range(n)], ks=(1, 5))
+    assert r['t2i_R@1'] == r['i2t_R@1'] == pytest.approx(1 / n) and r['t2i_R@5'] == r['i2t_R@5'] == pytest.approx(5 / n)
+    assert r['t2i_ties'] == r['i2t_ties'] == 1.0
+    # two values: images 0, 1 and texts 0, 1, 2 embed as e1, images 2, 3 and text 3 as e2 (cosine 1 or 0)
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    two = _Lookup(torch.stack([e1, e1, e2, e2]), torch.stack([e1, e1, e1, e2]))
+    r = retrieval(two, _IdTok(), _indexed_images(4), ['0', '1', '2', '3'], ks=(1, 2, 3))
+    # by hand, text->image: text 0 and 1 tie their image with one other at the top (1/2 at k = 1); text 2's image
+    # scores 0 below two 1s, tied with one other for places 3-4 (0, 0, 1/2); text 3 ties image 2 at the top
+    assert (r['t2i_R@1'], r['t2i_R@2'], r['t2i_R@3']) == pytest.approx((1.5 / 4, 3 / 4, 3.5 / 4))
+    # image->text: images 0 and 1 tie their text with two others at the top (1/3, 2/3, 1); image 2's text scores 0
+    # below text 3, tied with texts 0, 1 for places 2-4 (0, 1/3, 2/3); image 3 alone at the top
+    assert (r['i2t_R@1'], r['i2t_R@2'], r['i2t_R@3']) == pytest.approx((5 / 12, 8 / 12, 11 / 12))
+    assert r['t2i_ties'] == 1.0 and r['i2t_ties'] == 0.75
+    tt = AttributeTokenizer(); att = rand_attrs(10, 2)
+    flat = _BagOfWords(None); flat.encode_image = lambda x: torch.ones(len(x), 21); flat.encode_text = lambda t: torch.ones(len(t), 21)
+    b = binding_accuracy(flat, tt, _indexed_images(10), att)
+    assert all(b[k] == 0.5 for k in NEGATIVE_KINDS) and b['ties'] == 1.0
+
+
+def test_rerank_keeps_the_first_of_tied_samples_so_a_constant_scorer_gives_n_1():
+    from types import SimpleNamespace
+    from dalle_course.clip import rerank_curve
+    P, N = 6, 4; seen = rand_attrs(P * N, 9)
+    prompts = [caption(a) for a in rand_attrs(P, 8)]
+    pipe = lambda prompts, n, **kw: SimpleNamespace(images=_indexed_images(len(prompts) * n))   # noqa: E731  sample j: pixel j
+    ruler = SimpleNamespace(read=lambda images: torch.as_tensor(seen)[(images[:, 0, 0, 0] * 255).round().long()])
+    c = rerank_curve(pipe, lambda images, texts: torch.zeros(len(texts)), ruler, prompts, ns=(1, 2, 4))
+    drop = lambda row: {k: v for k, v in row.items() if k not in ('seconds_per_prompt', 'ties')}  # noqa: E731
+    assert drop(c['rows'][2]) == drop(c['rows'][4]) == drop(c['rows'][1])
+    assert [c['rows'][n]['ties'] for n in (1, 2, 4)] == [0.0, 1.0, 1.0]
+    right = lambda images, texts: torch.tensor([float((torch.as_tensor(seen[int(i[0, 0, 0] * 255 + 0.5)]) ==  # noqa: E731
+                                                       torch.as_tensor(parse_caption(t))).sum()) for i, t in zip(images, texts)])
+    best = rerank_curve(pipe, right, ruler, prompts, ns=(1, 4))                  # a scorer that knows: best-of-4 is no worse
+    right_of = lambda row: sum(row[f] for f in FIELDS)                           # noqa: E731  the attributes right, in all
+    assert best['rows'][4]['exact'] >= best['rows'][1]['exact'] and right_of(best['rows'][4]) > right_of(best['rows'][1])
+
+
+def test_study_ctrs_share_and_paired_test_split_ties(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+    import dalle_course.study as st
+    n = 12
+    said, prompts = st.unseen_descriptions(n, 0)
+    oracle = _oracle(said.numpy())
+    class _Pipe:
+        def __init__(self, tag): self.tag = tag
+        def __call__(self, prompts, n=1, **kw):
+            x = _indexed_images(len(prompts)); x[:, 1, 0, 0] = self.tag           # pixel 0: the prompt, pixel 1: the model
+            return SimpleNamespace(images=x, seconds=1.0, settings=SimpleNamespace(options=lambda: {}))
+    class _Prior(nn.Module):
+        arch, ce_kind = 'joint', 'teacher_forced_ce'
+        def __init__(self): super().__init__(); self.w = nn.Parameter(torch.zeros(1))
+    def scorer(images, texts):  # model A: 1 for at most 2 changes, else 0 (a three-way tie at the top); model B: constant
+        return torch.where(images[:, 1, 0, 0] == 0, (-oracle(images, texts) <= 2).float(), torch.zeros(len(texts)))
+    monkeypatch.setattr(st, 'clip_scorer', lambda clip, tok: scorer)
+    monkeypatch.setattr(st, 'real_image_ce', lambda pipe, x, caps, bs, **kw: torch.arange(float(len(caps))))
+    ruler = SimpleNamespace(read=lambda images: said[(images[:, 0, 0, 0] * 255).round().long()])
+    inputs = dict(priors={k: dict(run=tmp_path / k, pipe=_Pipe(t), prior=_Prior()) for t, k in enumerate('AB')},
+                  clip=None, clip_tok=None, ruler=ruler, image_size=64, clip_run='stand-in', classifier='stand-in')
+    res = st.evaluate_priors({'A': tmp_path / 'A', 'B': tmp_path / 'B'}, n=n, n_boot=50, inputs=inputs)
+    A, B, c = res['models']['A'], res['models']['B'], res['comparison']['ctrs_true_first']
+    assert A['ctrs']['true_first'] == pytest.approx(1 / 3) and A['ctrs_true_first_ci'] == pytest.approx((1 / 3, 1 / 3))
+    assert B['ctrs']['true_first'] == pytest.approx(1 / 13) and B['ctrs_true_first_ci'] == pytest.approx((1 / 13, 1 / 13))
+    assert c['diff'] == pytest.approx(1 / 3 - 1 / 13) and c['diff_ci'] == pytest.approx((1 / 3 - 1 / 13,) * 2)
+    table = st.study_table(res)                                               # counts are fractions now: one decimal
+    assert '| 4, 4, 4, 0, 0, 0 |' in table and '| 0.9, 0.9, 0.9, 0.9, 0.9, 7.4 |' in table
 
 
 def test_recipes_thesis_table8_and_bad_names():
@@ -277,7 +391,7 @@ def test_train_clip_writes_a_run_folder_that_loads(clip_run, data):
     names = {p.name for p in clip_run.iterdir()}
     assert {'run.json', 'recipe.json', 'clip.safetensors', 'text_tokenizer.json', 'eval.json', 'metrics.jsonl'} <= names
     ev = json.loads((clip_run / 'eval.json').read_text())
-    assert ev['retrieval']['n'] == 24 and set(ev['binding']) == {'n', *NEGATIVE_KINDS} and ev['steps'] == 12
+    assert ev['retrieval']['n'] == 24 and set(ev['binding']) == {'n', 'ties', *NEGATIVE_KINDS} and ev['steps'] == 12
     clip, tt, fp = load_clip_run(clip_run)
     assert isinstance(clip, CLIP) and fp == model_fingerprint(PatchColourTokenizer(image_size=64, patch=8, levels=4))
     with pytest.raises(InputError, match='train clip'): load_clip_run(data)
@@ -321,7 +435,7 @@ def test_eval_compares_two_priors_and_writes_its_folder(prior_run, clip_run, tmp
     a, b = ev['models'].values()
     assert a['following'] == b['following'] and a['ctrs']['counts'] == b['ctrs']['counts']   # the same prior, seed, prompts
     assert ev['comparison']['cics']['wins_a'] == ev['comparison']['cics']['wins_b'] == 0     # identical images tie
-    assert sum(a['ctrs']['counts']) == 8 and 'CICS' in (out / 'eval.md').read_text()
+    assert sum(a['ctrs']['counts']) == pytest.approx(8) and 'CICS' in (out / 'eval.md').read_text()
 
 
 def test_eval_refuses_what_it_cannot_judge(prior_run, clip_run, data, tmp_path):

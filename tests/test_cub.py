@@ -306,8 +306,26 @@ def test_ctrs_text_with_known_answer_scorers():
     short = ctrs_text(score, imgs, ["a red bird.", "a blue bird with grey wings."], max_m=3)
     assert short['n_with_m'] == [2, 2, 1, 1] and torch.isinf(short['scores'][0, 2:]).all()
     with pytest.raises(InputError): ctrs_text(score, imgs, caps[:1])
-    flat = ctrs_text(lambda i, t: torch.zeros(len(t)), imgs, caps, max_m=3)    # every caption ties: ties go to the true one
-    assert flat['true_first'] == 1.0 and flat['counts'] == [2, 0, 0, 0] and flat['beats'][1:] == [0.0, 0.0, 0.0]
+
+
+def test_ctrs_text_splits_ties_constant_and_two_valued_scorers():
+    caps = ["a red bird with black wings.", "a blue bird with grey wings."]      # three changeable words each
+    imgs = torch.arange(2.0).view(2, 1, 1, 1).expand(2, 3, 4, 4).clone()
+    const = lambda i, t: torch.zeros(len(t))                                    # noqa: E731
+    flat = ctrs_text(const, imgs, caps, max_m=3)                               # four captions tie: a quarter each, chance
+    assert flat['true_first'] == 0.25 and flat['counts'] == [0.5] * 4 and flat['beats'][1:] == [0.5] * 3
+    assert flat['ties'] == 1.0 and flat['beats_ties'][1:] == [1.0] * 3
+    short = ctrs_text(const, imgs, ["a red bird.", caps[1]], max_m=3)          # one changeable word: two captions tie
+    assert short['counts'] == [0.75, 0.75, 0.25, 0.25] and short['true_first'] == 0.375   # absent versions never tie
+    assert short['beats'][1:] == [0.5] * 3 and short['n_with_m'] == [2, 2, 1, 1]
+    roles = lambda s: [s[a:b].lower() for a, b, _ in role_words(s)]             # noqa: E731
+    def two(images, texts):  # 1 when at most one lexicon word differs from the image's caption, else 0
+        return torch.tensor([float(sum(a != b for a, b in zip(roles(t), roles(caps[int(x[0, 0, 0])]))) <= 1)
+                             for x, t in zip(images, texts)])
+    r = ctrs_text(two, imgs, caps, max_m=3)
+    # by hand: the true caption and the one with one change tie at the top (1/2 each); two and three changes score 0
+    assert r['counts'] == [1.0, 1.0, 0.0, 0.0] and r['true_first'] == 0.5 and r['beats'][1:] == [0.5, 1.0, 1.0]
+    assert r['ties'] == 1.0 and r['beats_ties'][1:] == [1.0, 0.0, 0.0]
 
 
 # ---- the commands, on the fixture, as typed ----

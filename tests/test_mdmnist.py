@@ -250,8 +250,9 @@ def test_write_out_rules(tmp_path):
     assert len(np.load(tmp_path / 'empty' / 'images.npy')) == 5
     (tmp_path / 'mine').mkdir(); (tmp_path / 'mine' / 'notes.txt').write_text('precious')
     before = listing(tmp_path)
-    with pytest.raises(InputError, match='overwrite'): write_mdmnist(tmp_path / 'mine', 5)
-    with pytest.raises(InputError): write_mdmnist(tmp_path / 'mine', 5, overwrite=True)  # not an MD-MNIST folder
+    # not an MD-MNIST folder: refused with or without --overwrite, and the message does not suggest it
+    with pytest.raises(InputError, match='never replaced; choose another --out$'): write_mdmnist(tmp_path / 'mine', 5)
+    with pytest.raises(InputError, match='never replaced'): write_mdmnist(tmp_path / 'mine', 5, overwrite=True)
     assert listing(tmp_path) == before and (tmp_path / 'mine' / 'notes.txt').read_text() == 'precious'
 
 

@@ -3,7 +3,7 @@
 Each case prepares files in a fresh `tmp_path`, runs one command, and checks: the exit status; for a failure,
 exactly one stderr line (no traceback) holding the expected words; and what is left on disk (by default: nothing
 changed at all, in `tmp_path` and in the shared fixtures). Kills, Ctrl-C and concurrent writers follow the table."""
-import hashlib, json, os, pickle, random, shutil, signal, subprocess, sys, time
+import hashlib, json, os, pickle, random, re, shutil, signal, subprocess, sys, time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -60,6 +60,11 @@ class Shared:
                          '--data', self.cub, '--steps', 2, '--batch-size', 4)
 
     @cached_property
+    def clip(self) -> Path:  # a CLIP trained on the patch tokenizer's reconstructions (the prior's), for `eval`
+        return self._run('clip', 'train', 'clip', '--kind', 'vit', '--tokenizer', self.root / 'patch.safetensors',
+                         '--data', self.root / 'train', '--test', self.root / 'test', '--steps', 2, '--batch-size', 8)
+
+    @cached_property
     def demo(self) -> Path:  # a finished demo, tiny (the library's run_demo with small stages: seconds, not minutes)
         from dalle_course.demo import run_demo
         run_demo(self.root / 'demo', n_train=N_TRAIN, n_test=8, n_prompts=4, n_samples=1, quiet=True,
@@ -74,7 +79,8 @@ class Shared:
     def names(self) -> dict:
         r = self.root
         return dict(train=r / 'train', test=r / 'test', big=r / 'big', patch=r / 'patch.safetensors',
-                    patch2=r / 'patch2.safetensors', tok=r / 'tok', prior=r / 'prior', cub=r / 'cub', cubprior=r / 'cubprior')
+                    patch2=r / 'patch2.safetensors', tok=r / 'tok', prior=r / 'prior', cub=r / 'cub', cubprior=r / 'cubprior',
+                    clip=r / 'clip')
 
 
 @pytest.fixture(scope='module')
@@ -680,15 +686,26 @@ CASES = [
          words=('11_broken.ipynb', 'not a readable notebook')),
     Case('file-notebook-without-cells', ('exercises', '--nbs', '{nbs}', '--out', '{out}'), bad_notebook('{"cells": 3}'),
          words=('11_broken.ipynb', 'not a notebook')),
+    Case('ow-mdmnist-foreign-folder-no-overwrite-suggested', MD('--out', '{out}'), foreign_folder, words=('never replaced',)),
+    Case('ow-exercises-foreign-folder-no-overwrite-suggested', ('exercises', '--out', '{out}'), foreign_folder,
+         words=('did not write',)),
     # ---- leftovers and outputs that are not ours
     Case('left-symlinked-out-overwrite', MD('--out', '{t}/link', '--overwrite'), linked_dataset, status=0, check=link_kept),
     Case('left-sample-overwrite-of-a-user-file', S('--overwrite'), lambda c, s: (c['t'] / 'grid.png').write_text('my picture'),
          words=('grid.png', 'not written by')),
     Case('left-bench-json-of-the-user', ('bench', 'generate', '--json', '{t}/r.json', '--overwrite'),
          lambda c, s: (c['t'] / 'r.json').write_text('{"mine": 1}'), words=('r.json', 'not written by')),
+    Case('late-eval-data-cub-for-an-mdmnist-prior', ('eval', '--prior', '{prior}', '--clip', '{clip}', '--data', '{cub}',
+                                                     '--n', 4, '--out', '{out}'), needs('clip', 'cub'), words=('--data', 'free-text captions')),
+    Case('args-grad-accum-on-a-contrastive-loss', ('train', 'clip', '--kind', 'vit', '--tokenizer', '{patch}', '--data', '{train}',
+                                                   '--test', '{test}', '--steps', 2, '--batch-size', 8, '--grad-accum', 2, '--out', '{out}'),
+         words=('--grad-accum 2', 'negatives')),
     # ---- warnings: the run goes on, with one line
     Case('warn-test-is-the-training-data', T('--out', '{out}', '--test', '{train}'), status=0,
          check=warned('--test is the training data'), snapshot=False),
+    Case('warn-held-out-pairs-the-prior-was-trained-on', ('eval', '--prior', '{prior}', '--clip', '{clip}', '--holdout', '7r',
+                                                          '--n', 4, '--out', '{out}'), needs('clip'), status=0,
+         check=warned('held-out pairs', '7r'), snapshot=False),
     # ---- Ctrl-C
     Case('sig-ctrl-c-while-importing', S(), interrupt='startup', status=130),
     Case('sig-ctrl-c-while-writing-a-dataset', MD('--out', '{out}')[:2] + ('--n', 40000, '--size', 64, '--out', '{out}'),
@@ -742,6 +759,9 @@ def test_policy(case, shared, tmp_path):
         assert p.returncode in allowed, (p.returncode, p.stderr[-3000:])
         if p.returncode == 2: one_line_error(p, *map(fmt, case.words))
         if p.returncode == 130: assert p.stderr.strip().splitlines()[-1] == 'dalle-course: interrupted', p.stderr[-2000:]
+        if p.returncode == 2 and re.search(r'(pass|add) (--resume or )?--overwrite', p.stderr) and '--resume' not in args:
+            q = cli(*args, '--overwrite')  # a fix the message suggests must work
+            assert q.returncode == 0, ('the suggested --overwrite is refused', p.stderr, q.stderr[-2000:])
         stray = [k for k in diff(before, after)['new'] if any(s in Path(k).name for s in STRAY)]
         assert not stray, stray
         case.check(c, before, after)
@@ -752,7 +772,7 @@ def test_policy(case, shared, tmp_path):
 def test_table_covers_every_group():
     groups = {}
     for c in CASES: groups[c.id.split('-')[0]] = groups.get(c.id.split('-')[0], 0) + 1
-    need = dict(args=8, data=6, out=6, ow=8, fp=4, dmg=8, dev=3, num=15, lock=1, late=8, txt=6, file=6, left=3, warn=1, sig=2)
+    need = dict(args=8, data=6, out=6, ow=8, fp=4, dmg=8, dev=3, num=15, lock=1, late=8, txt=6, file=6, left=3, warn=2, sig=2)
     assert all(groups.get(g, 0) >= n for g, n in need.items()), groups
     assert len(CASES) >= 127 and len({c.id for c in CASES}) == len(CASES)  # 87 before the reliability cases
 
