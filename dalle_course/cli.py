@@ -699,6 +699,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 # %% ../nbs/95_cli.ipynb #95_cli-008
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `dalle-course` console script; returns the exit status."
+    if argv is None:  # the process is this command: once it is done, a late Ctrl-C has nothing left to stop
+        import atexit, signal
+        atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)  # (no traceback from the interpreter's shutdown)
     argv = sys.argv[1:] if argv is None else list(argv)
     try:  # Ctrl-C is one quiet line and status 130 from here on, also while the library (and torch) is importing
         command = next((a for a in argv if not a.startswith('-')), None)

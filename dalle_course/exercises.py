@@ -204,6 +204,12 @@ def run_cells(path, skip=('slow', 'cuda')) -> dict:
     nb = _read_notebook(path)
     sh, errors, ran = CaptureShell(path), [], 0
     old, t0 = os.getcwd(), time.time()
+    # Ctrl-C stops the whole run, even if a cell's code catches it (a training loop that stops politely) or the shell
+    # records it as the cell's error: the handler notes it, and the loop checks the note after every cell
+    import signal, threading
+    pressed, handler = [], None
+    def _on_ctrl_c(signum, frame): pressed.append(signum); raise KeyboardInterrupt
+    if threading.current_thread() is threading.main_thread(): handler = signal.signal(signal.SIGINT, _on_ctrl_c)
     os.chdir(path.parent)
     try:
         for i, cell in enumerate(nb['cells']):
@@ -211,9 +217,11 @@ def run_cells(path, skip=('slow', 'cuda')) -> dict:
             src = ''.join(cell['source']); d = _flags_of(src)
             if d.get('eval:', [''])[0].lower() == 'false' or set(skip) & d.keys() or not src.strip(): continue
             outs = sh.run(src); ran += 1
-            if any(o.get('ename') == 'KeyboardInterrupt' for o in (outs or [])): raise KeyboardInterrupt  # Ctrl-C stops it all
+            if pressed or any(o.get('ename') == 'KeyboardInterrupt' for o in (outs or [])): raise KeyboardInterrupt
             errors += [(i, src, o.get('ename', ''), o.get('evalue', '')) for o in (outs or []) if o.get('output_type') == 'error']
-    finally: os.chdir(old)
+    finally:
+        os.chdir(old)
+        if handler is not None: signal.signal(signal.SIGINT, handler)
     return {'errors': errors, 'cells': ran, 'seconds': time.time() - t0}
 
 def lesson_titles(src_dir=None) -> dict[str, str]:

@@ -154,3 +154,12 @@ def test_abbrev_keeps_a_quoted_input_short():
     assert core.abbrev('7 30 r up') == "'7 30 r up'"
     long = core.abbrev('x' * 100_000, 40)
     assert len(long) < 80 and long.endswith('(100000 characters)')
+
+
+def test_a_failed_safetensors_write_is_an_oserror_naming_the_file(tmp_path):
+    "A run folder that vanishes or cannot be written mid-run: the CLI turns OSError into one line (safetensors raises its own type)."
+    from safetensors import SafetensorError
+    target = tmp_path / 'gone' / 'x.safetensors'  # its folder does not exist: safetensors itself cannot write there
+    with pytest.raises(SafetensorError): __import__('safetensors.torch', fromlist=['save_file']).save_file({'a': torch.zeros(1)}, str(target))
+    with pytest.raises(OSError) as e: core.save_safetensors({'a': torch.zeros(1)}, target)
+    assert e.value.filename == str(target) and not target.exists()

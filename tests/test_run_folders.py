@@ -467,7 +467,7 @@ class Case:
     check: Callable = unchanged
     snapshot: bool = True            # False for cases where another process writes meanwhile
     marks: tuple = ()
-    interrupt: str | None = None     # Ctrl-C: 'startup' (while torch imports) or 'appears:GLOB' (once GLOB exists under t)
+    interrupt: str | None = None     # Ctrl-C: 'startup' (while torch imports), 'appears:GLOB' (once GLOB exists under t), 'after:SECONDS'
 
 
 def T(*a, kind='vqvae', steps=2):
@@ -710,6 +710,8 @@ CASES = [
     Case('sig-ctrl-c-while-importing', S(), interrupt='startup', status=130),
     Case('sig-ctrl-c-while-writing-a-dataset', MD('--out', '{out}')[:2] + ('--n', 40000, '--size', 64, '--out', '{out}'),
          interrupt='appears:.out.partial-*', status=130),
+    Case('sig-ctrl-c-while-timing-lessons', ('lessons', '--time', '10_gumbel', '13_vqvae', '14_tokenizer_training', '24_sampling'), interrupt='after:6',
+         status=130),  # notebook cells run in-process: Ctrl-C in a cell must stop the command, not be recorded as its error
     # ---- locks: a second writer while the first holds the folder
     Case('lock-second-writer-resume', T('--out', '{out}', '--resume', steps=400), busy_writer, words=('another process',),
          check=writer_untouched, snapshot=False),
@@ -731,6 +733,7 @@ def interrupted(args, when: str, t: Path) -> subprocess.CompletedProcess:
     try:
         t0 = time.time()
         ready = ((lambda: _importing_torch(proc.pid)) if when == 'startup'
+                 else (lambda: time.time() - t0 > float(when[6:])) if when.startswith('after:')
                  else (lambda: bool(list(t.glob(when.split(':', 1)[1])))))
         while not ready():
             assert proc.poll() is None, f'the command ended before {when}: {proc.stderr.read()[-2000:]}'
