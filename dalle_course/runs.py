@@ -252,7 +252,9 @@ class RunFolder:
         fcntl.flock(fd, fcntl.LOCK_UN); os.close(fd)
 
     def __enter__(self): return self.open() if self.manifest is None else self
-    def __exit__(self, *exc): self.close()
+    def __exit__(self, kind, exc, tb):
+        if kind is not None and issubclass(kind, InputError): self.abandon()  # refused inside `with`: nothing left behind
+        self.close()
 
 def _clear(path: Path, manifest: dict):
     "Delete what the run in `path` wrote (its files, its children's, their stale temporaries); nothing else."

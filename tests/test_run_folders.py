@@ -697,6 +697,8 @@ CASES = [
          lambda c, s: (c['t'] / 'r.json').write_text('{"mine": 1}'), words=('r.json', 'not written by')),
     Case('late-eval-data-cub-for-an-mdmnist-prior', ('eval', '--prior', '{prior}', '--clip', '{clip}', '--data', '{cub}',
                                                      '--n', 4, '--out', '{out}'), needs('clip', 'cub'), words=('--data', 'free-text captions')),
+    Case('late-eval-refused-inside-its-run-folder', ('eval', '--prior', '{prior}', '--clip', '{clip}', '--n', 1, '--out', '{out}'),
+         needs('clip'), words=('--n', 'at least 2')),  # a check made after the folder opened: the folder goes again
     Case('args-grad-accum-on-a-contrastive-loss', ('train', 'clip', '--kind', 'vit', '--tokenizer', '{patch}', '--data', '{train}',
                                                    '--test', '{test}', '--steps', 2, '--batch-size', 8, '--grad-accum', 2, '--out', '{out}'),
          words=('--grad-accum 2', 'negatives')),
