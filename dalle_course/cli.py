@@ -11,7 +11,7 @@ from pathlib import Path  # no torch here: `dalle-course --help` answers without
 __all__ = ['PROG', 'TRAIN_COMMANDS', 'SAMPLE_SUFFIXES', 'SAMPLE_MARK', 'COMMANDS', 'run_data_mdmnist', 'run_data_cub_fixture',
            'run_train', 'run_sample', 'run_demo', 'run_eval', 'run_bench_tokenizers', 'run_bench_samplers',
            'run_bench_train', 'run_bench_generate', 'run_bench_tokenizer', 'run_exercises', 'run_lessons',
-           'build_parser', 'main']
+           'build_parser', 'run_plan', 'main']
 
 # %% ../nbs/95_cli.ipynb #95_cli-004
 PROG = 'dalle-course'
@@ -378,6 +378,7 @@ COMMANDS = {  # the subcommands and their one-line help: what `dalle-course --he
     'eval': 'judge one prior, or compare two (G1 vs G2): ruler, CLIP score, CTRS, CICS, CE',
     'lessons': 'list the lessons, or time them',
     'exercises': 'write learner copies of the notebooks (solutions removed)',
+    'plan': 'will a training run fit a GPU? memory per GPU, FLOPs and time of any train command, traced on the CPU',
 }
 
 def _seed(s: str) -> int:
@@ -414,15 +415,15 @@ def _device_seed_args(p: argparse.ArgumentParser):
     p.add_argument('--device', default=None, help='cuda, mps or cpu (default: the best available)')
     p.add_argument('--seed', type=_seed, default=0, help='random seed')
 
-def _training_args(p: argparse.ArgumentParser, out_help: str, presets: dict, resume: bool = True):
-    "The options every training command shares (data, preset, run length, device, and --resume if `resume`)."
-    p.add_argument('--data', type=Path, required=True,
+def _training_args(p: argparse.ArgumentParser, out_help: str, presets: dict, resume: bool = True, required: bool = True):
+    "The options every training command shares (data, preset, run length, device, and --resume if `resume`); `required`: --data and --out."
+    p.add_argument('--data', type=Path, required=required,
                    help='training images: an MD-MNIST folder, or a CUB-200 root (CUB_200_2011/ and text/)')
     p.add_argument('--test', type=Path, default=None,
                    help='test images for evaluation (default: CUB\'s official test split, or the last 10%% of '
                         'an MD-MNIST --data, at most 256, held out)')
     p.add_argument('--preset', default='tiny', choices=list(presets), help='training recipe (default: tiny)')
-    p.add_argument('--out', type=Path, required=True, help=out_help)
+    p.add_argument('--out', type=Path, required=required, help=out_help)
     p.add_argument('--steps', type=_positive_int, default=None,
                    help="training steps (default: the preset's; its ramps and milestones are scaled to match)")
     p.add_argument('--batch-size', type=_positive_int, default=None, help="batch size (default: the preset's)")
@@ -473,8 +474,8 @@ def _add_data(sub):
     cf.add_argument('--seed', type=_seed, default=0, help='random seed')
     cf.set_defaults(func=run_data_cub_fixture)
 
-def _add_train(sub):
-    "The parser of `dalle-course train`."
+def _add_train(sub, required: bool = True):
+    "The parser of `dalle-course train` (`required`: its inputs, --data and --out; `plan` reads the same commands without them)."
     tr = sub.add_parser('train', help=COMMANDS['train'], description='Train one stage of the pipeline '
                         'through the shared training loop; every run folder can be resumed with --resume.')
     tsub = tr.add_subparsers(dest='stage', metavar='STAGE', parser_class=_Parser); tsub.required = True
@@ -485,9 +486,9 @@ def _add_train(sub):
                              description=row['description'] + kinds_help +
                              _presets_help(presets, lambda v: f" (kinds: {', '.join(v['kinds'])})" if 'kinds' in v else ''))
         sp.add_argument(row['kind_option'], required=True, choices=list(kinds), help='what to train (see above)')
-        for flag, dest, help_ in row['inputs']: sp.add_argument(flag, dest=dest, type=Path, required=True, help=help_)
+        for flag, dest, help_ in row['inputs']: sp.add_argument(flag, dest=dest, type=Path, required=required, help=help_)
         for flag, kw in row.get('options', ()): sp.add_argument(flag, **kw)
-        _training_args(sp, out_help='run folder', presets=presets)
+        _training_args(sp, out_help='run folder', presets=presets, required=required)
         sp.set_defaults(func=run_train)
 
 def _add_sample(sub):
@@ -689,12 +690,62 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest='command', metavar='COMMAND', parser_class=_Parser)
     sub.required = True
     adders = dict(data=_add_data, train=_add_train, sample=_add_sample, demo=_add_demo, bench=_add_bench, eval=_add_eval,
-                  lessons=_add_lessons, exercises=_add_exercises)
+                  lessons=_add_lessons, exercises=_add_exercises, plan=_add_plan)
     assert list(adders) == list(COMMANDS)
     for name, add in adders.items():
         if only is None or only == name: add(sub)
         else: sub.add_parser(name, help=COMMANDS[name], add_help=False)
     return p
+
+# %% ../nbs/95_cli.ipynb #95_cli-plan
+def _add_plan(sub):
+    "The parser of `dalle-course plan`."
+    pl = sub.add_parser('plan', formatter_class=argparse.RawDescriptionHelpFormatter, help=COMMANDS['plan'],
+                        usage=f"{PROG} plan [options] train STAGE ...   (any `train` command; --data, --tokenizer, --out optional)",
+                        description="Plan a training run on a GPU without one (lesson 34): put `plan` and its options in "
+                        "front of a `train` command. One step of the model the command would train is run on fake "
+                        "tensors at its real sizes (bf16 autocast, fused AdamW), which gives the peak memory per GPU "
+                        "by kind (weights, gradients, optimizer state, activations), the FLOPs of a step, and the time "
+                        "per step, epoch and run at --mfu of the GPU's bf16 peak; with --gpus N, for DDP and for FSDP. "
+                        "A run that does not fit is planned again with more micro-batches (--grad-accum) until it does. "
+                        "Without --data or --tokenizer the plan assumes the defaults it prints. Nothing is written.\n\n"
+                        f"example:\n  {PROG} plan --gpus 8 train prior --arch joint --preset gpu-mdmnist\n"
+                        f"  {PROG} plan --table            (every GPU preset on one H100: the README's table)\n"
+                        f"  {PROG} plan --check            (the plan against a measured CPU step)")
+    pl.add_argument('--gpu', choices=['h100', 'h200'], default='h100', help='the GPU (default: h100)')
+    pl.add_argument('--gpus', type=_positive_int, default=1, help='GPUs in one DDP / FSDP run (default: 1)')
+    pl.add_argument('--mfu', type=float, default=None, help='model-FLOP utilisation to assume, in (0, 1] (default: 0.35)')
+    pl.add_argument('--peak-tflops', type=float, default=None, help="the GPU's bf16 peak in TFLOP/s (default: the GPU's, 989.4)")
+    what = pl.add_mutually_exclusive_group()
+    what.add_argument('--table', action='store_true', help='plan every GPU preset on one --gpu (a markdown table; about 3 minutes)')
+    what.add_argument('--check', action='store_true', help="trace the bench's cpu config and measure one real step of it on this CPU")
+    pl.add_argument('command_', nargs=argparse.REMAINDER, metavar='train STAGE ...', help='the train command to plan')
+    pl.set_defaults(func=run_plan)
+
+
+def run_plan(args) -> int:
+    "Plan a `train` command (or every GPU preset, or check the plan on this CPU) and print it."
+    from dalle_course.plan import DEFAULT_MFU, check_on_cpu, check_report, plan_report, plan_run, plan_table, stage_spec
+    mfu = DEFAULT_MFU if args.mfu is None else args.mfu
+    if not 0 < mfu <= 1: raise _error(f"--mfu {mfu:g} is not a fraction; give one in (0, 1], e.g. 0.35")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise _error(f"--peak-tflops {args.peak_tflops:g} is not a speed; give the GPU's bf16 TFLOP/s, e.g. 989.4")
+    if (args.table or args.check) and args.command_:
+        raise _error(f"--{'table' if args.table else 'check'} plans no command; drop `{' '.join(args.command_)}`")
+    if args.table: print(plan_table(args.gpu, mfu=mfu)); return 0
+    if args.check: print(check_report(check_on_cpu('cpu', (8, 32)))); return 0
+    if not args.command_ or args.command_[0] != 'train':
+        raise _error(f"plan what? put a train command after the options, e.g. `{PROG} plan train prior --arch joint --preset gpu-mdmnist`")
+    tp = _Parser(prog=f'{PROG} plan')
+    _add_train(tp.add_subparsers(dest='command', metavar='COMMAND', parser_class=_Parser), required=False)
+    t = tp.parse_args(args.command_)
+    row = TRAIN_COMMANDS[t.stage]
+    spec = stage_spec(t.stage, getattr(t, row['kind_option'].lstrip('-')), t.preset, data=t.data,
+                      tokenizer=getattr(t, 'tokenizer', None), test=t.test, steps=t.steps, batch_size=t.batch_size,
+                      grad_accum=t.grad_accum)
+    print(plan_report(plan_run(spec, args.gpu, args.gpus, mfu, args.peak_tflops)))
+    return 0
+
 
 # %% ../nbs/95_cli.ipynb #95_cli-008
 def main(argv: list[str] | None = None) -> int:
