@@ -716,6 +716,8 @@ def _add_plan(sub):
     pl.add_argument('--gpus', type=_positive_int, default=1, help='GPUs in one DDP / FSDP run (default: 1)')
     pl.add_argument('--mfu', type=float, default=None, help='model-FLOP utilisation to assume, in (0, 1] (default: 0.35)')
     pl.add_argument('--peak-tflops', type=float, default=None, help="the GPU's bf16 peak in TFLOP/s (default: the GPU's, 989.4)")
+    pl.add_argument('--n-train', type=_positive_int, default=None,
+                    help="training examples, for a plan without --data (default: MD-MNIST's 9744, or CUB's 5994 for its presets)")
     what = pl.add_mutually_exclusive_group()
     what.add_argument('--table', action='store_true', help='plan every GPU preset on one --gpu (a markdown table; about 3 minutes)')
     what.add_argument('--check', action='store_true', help="trace the bench's cpu config and measure one real step of it on this CPU")
@@ -730,8 +732,9 @@ def run_plan(args) -> int:
     if not 0 < mfu <= 1: raise _error(f"--mfu {mfu:g} is not a fraction; give one in (0, 1], e.g. 0.35")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         raise _error(f"--peak-tflops {args.peak_tflops:g} is not a speed; give the GPU's bf16 TFLOP/s, e.g. 989.4")
-    if (args.table or args.check) and args.command_:
-        raise _error(f"--{'table' if args.table else 'check'} plans no command; drop `{' '.join(args.command_)}`")
+    if (args.table or args.check) and (args.command_ or args.n_train or args.gpus > 1):
+        extra = ' '.join(args.command_) or ('--n-train' if args.n_train else '--gpus')
+        raise _error(f"--{'table' if args.table else 'check'} plans no command of yours (one GPU, the stated data); drop `{extra}`")
     if args.table: print(plan_table(args.gpu, mfu=mfu)); return 0
     if args.check: print(check_report(check_on_cpu('cpu', (8, 32)))); return 0
     if not args.command_ or args.command_[0] != 'train':
@@ -742,7 +745,7 @@ def run_plan(args) -> int:
     row = TRAIN_COMMANDS[t.stage]
     spec = stage_spec(t.stage, getattr(t, row['kind_option'].lstrip('-')), t.preset, data=t.data,
                       tokenizer=getattr(t, 'tokenizer', None), test=t.test, steps=t.steps, batch_size=t.batch_size,
-                      grad_accum=t.grad_accum)
+                      grad_accum=t.grad_accum, n_train=args.n_train)
     print(plan_report(plan_run(spec, args.gpu, args.gpus, mfu, args.peak_tflops)))
     return 0
 

@@ -153,19 +153,34 @@ def _hp0(recipe) -> dict:
     return {k: Schedule.from_dict(v)(0) if isinstance(v, dict) else v for k, v in recipe.hparams.items()}
 
 
-def _data_sizes(stage: str, preset: str, data, test, size: int | None) -> tuple[int, int, dict | None, list]:
-    "(n_train, image size, text spec or None, assumptions): read from `data` when given, else MD-MNIST's or CUB's defaults."
+def _is_cub(stage: str, preset: str) -> bool:
+    "Whether `preset` of `stage` is one of the thesis's CUB presets (its description says so: Tables 5 and 7)."
+    from dalle_course.clip import CLIP_PRESETS
+    from dalle_course.prior_training import PRIOR_PRESETS
+    from dalle_course.ruler import RULER_PRESETS
+    from dalle_course.tokenizer_training import PRESETS
+    table = dict(tokenizer=PRESETS, prior=PRIOR_PRESETS, classifier=RULER_PRESETS, clip=CLIP_PRESETS)[stage]
+    return 'CUB' in table.get(preset, {}).get('doc', '')
+
+
+def _data_sizes(stage: str, preset: str, data, test, size: int | None, n_train: int | None = None) -> tuple[int, int, dict | None, list]:
+    """(n_train, image size, text spec or None, assumptions): read from `data` when given, else MD-MNIST's or (for the
+    thesis's CUB presets) CUB's defaults; `n_train` replaces the number of training examples either way."""
     if data is None:
-        cub = 'cub' in preset
+        cub = _is_cub(stage, preset)
         size = size or (64 if '64' in preset else 128)
-        n = CUB_TRAIN if cub else MDMNIST_TRAIN
+        n = n_train or (CUB_TRAIN if cub else MDMNIST_TRAIN)
         text = dict(CUB_TEXT if cub else MDMNIST_TEXT)
-        what = (f"CUB-200 {size} px, its {CUB_TRAIN} training photos, words: vocabulary {text['vocab']}, {text['length']} tokens"
-                if cub else f"MD-MNIST {size} px, {n} training images (`data mdmnist` defaults), attribute text")
+        reads_text = stage in ('prior', 'clip')
+        what = (f"CUB-200 {size} px, {n} training photos{'' if n_train else ' (the official split)'}" +
+                (f", words: vocabulary {text['vocab']}, {text['length']} tokens" if reads_text else '') if cub else
+                f"MD-MNIST {size} px, {n} training images{'' if n_train else ' (`data mdmnist` defaults)'}" +
+                (", attribute text" if reads_text else ''))
         return n, size, text, [f"no --data: {what}"]
     from dalle_course.datasets import all_captions, image_size, split_train_test, text_spec
     from dalle_course.text import fit_text_tokenizer
     train, _ = split_train_test(data, test, 256, stage=stage, size=size)
+    if n_train is not None: raise InputError("--n-train is for a plan without --data; with --data, the plan counts its images")
     text = None
     if stage in ('prior', 'clip'):
         tok, spec = fit_text_tokenizer(text_spec(train), all_captions(train))
@@ -190,26 +205,27 @@ def _tokenizer_of(tokenizer, preset: str, size: int) -> tuple[tuple[int, int], i
 
 
 def stage_spec(stage: str, kind: str, preset: str, data=None, tokenizer=None, test=None, steps: int | None = None,
-               batch_size: int | None = None, grad_accum: int = 1) -> StageSpec:
+               batch_size: int | None = None, grad_accum: int = 1, n_train: int | None = None) -> StageSpec:
     """What `dalle-course train STAGE --kind/--arch KIND --preset PRESET ...` would train, resolved as that command
-    resolves it, without training: from `data` and `tokenizer` when given, else from stated defaults."""
+    resolves it, without training: from `data` and `tokenizer` when given, else from stated defaults (`n_train`
+    training examples when given)."""
     over = {'train': {'grad_accum': grad_accum}} if grad_accum > 1 else None
     cmd = f"train {stage} {'--arch' if stage == 'prior' else '--kind'} {kind} --preset {preset}"
     if stage == 'tokenizer':
         from dalle_course.tokenizer_training import PRESETS, build_tokenizer, resolve_recipe, tokenizer_loss
-        n, size, _, assumed = _data_sizes(stage, preset, data, test, (PRESETS.get(preset) or {}).get('image_size'))
+        n, size, _, assumed = _data_sizes(stage, preset, data, test, (PRESETS.get(preset) or {}).get('image_size'), n_train)
         r = resolve_recipe(kind, preset, size, n, steps, batch_size, overrides=over)
         return StageSpec(cmd, r, build_tokenizer, tokenizer_loss(kind), _hp0(r),
                          lambda b: {'image': torch.rand(b, 3, size, size)}, assumed)
     if stage == 'classifier':
         from dalle_course.ruler import AttributeRuler, resolve_ruler_recipe, ruler_loss
-        n, size, _, assumed = _data_sizes(stage, preset, data, test, None)
+        n, size, _, assumed = _data_sizes(stage, preset, data, test, None, n_train)
         r = resolve_ruler_recipe(kind, preset, size, n, steps, batch_size, overrides=over)
         return StageSpec(cmd, r, lambda r: AttributeRuler(**r.model), ruler_loss, _hp0(r),
                          lambda b: {'image': torch.rand(b, 3, size, size), 'attributes': torch.zeros(b, 3, 4, dtype=torch.long)},
                          assumed)
     (h, w), vocab, tsize, assumed_tok = _tokenizer_of(tokenizer, preset, 128)
-    n, size, text, assumed = _data_sizes(stage, preset, data, test, tsize)
+    n, size, text, assumed = _data_sizes(stage, preset, data, test, tsize, n_train)
     assumed += assumed_tok
     V, L = text['vocab'], text['length']
     if stage == 'clip':
@@ -295,7 +311,9 @@ def plan_run(spec: StageSpec, gpu: str | GPU = 'h100', gpus: int = 1, mfu: float
                 steps_per_epoch=per_epoch, epochs=steps / per_epoch, flops_per_step=flops, rows=rows)
 
 # %% ../nbs/34_plan.ipynb #34_plan-014
-def _gib(b: float) -> str: return f"{b / 2 ** 30:.1f} GiB" if b >= 2 ** 30 else f"{b / 2 ** 20:.0f} MiB"
+def _gib(b: float) -> str:
+    if b == 0: return '0'
+    return f"{b / 2 ** 30:.1f} GiB" if b >= 2 ** 30 else f"{b / 2 ** 20:.0f} MiB" if b >= 10 * 2 ** 20 else f"{b / 2 ** 20:.2f} MiB"
 
 def _dur(s: float) -> str:
     return f"{1e3 * s:.3g} ms" if s < 1 else f"{s:.1f} s" if s < 90 else f"{s / 60:.1f} min" if s < 5400 else f"{s / 3600:.1f} h"

@@ -130,3 +130,16 @@ def test_cli_plans_a_train_command_as_typed(tmp_path):
     assert r.returncode == 0, r.stderr
     assert 'NVIDIA H200' in r.stdout and 'fits' in r.stdout and 'assumed: no --data' in r.stdout
     assert not out.exists()  # a plan writes nothing
+
+
+def test_the_exercise_check_takes_every_correct_form():
+    "Whole bytes, floats, numpy and torch scalars, and the library's own answer pass; a mistake gets its hint."
+    import numpy as np
+    from dalle_course.checks import check_memory_per_gpu
+    from dalle_course.exercises import CheckFailure
+    check_memory_per_gpu(memory_per_gpu)
+    check_memory_per_gpu(lambda t, how, n: round(memory_per_gpu(t, how, n)))
+    check_memory_per_gpu(lambda t, how, n: np.int64(round(memory_per_gpu(t, how, n))))
+    check_memory_per_gpu(lambda t, how, n: torch.tensor(memory_per_gpu(t, how, n), dtype=torch.float64))
+    with pytest.raises(CheckFailure, match='flat copy'):
+        check_memory_per_gpu(lambda t, how, n: t['peak_bytes'] if how == 'ddp' else memory_per_gpu(t, how, n))
