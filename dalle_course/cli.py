@@ -700,43 +700,54 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 # %% ../nbs/95_cli.ipynb #95_cli-plan
 def _add_plan(sub):
     "The parser of `dalle-course plan`."
+    import textwrap
+    about = textwrap.fill(
+        "Plan a training run on a GPU without one (lesson 34): put `plan` and its options in front of a `train` command. "
+        "One step of the model the command would train runs on fake tensors at its real sizes (bf16 autocast, fused "
+        "AdamW), which gives the peak memory per GPU by kind (weights, gradients, optimizer state, activations), the "
+        "FLOPs of a step, and the time per step, epoch and run at --mfu of the GPU's bf16 peak; with --gpus N (one node, "
+        "up to 8), for DDP and for FSDP. A run that does not fit is planned again with more micro-batches "
+        "(--grad-accum) until it does. Without --data or --tokenizer the plan assumes the defaults it prints; the train "
+        "command's --out, --resume, --overwrite, --device and --eval-every change nothing. Nothing is written.", 100)
     pl = sub.add_parser('plan', formatter_class=argparse.RawDescriptionHelpFormatter, help=COMMANDS['plan'],
                         usage=f"{PROG} plan [options] train STAGE ...   (any `train` command; --data, --tokenizer, --out optional)",
-                        description="Plan a training run on a GPU without one (lesson 34): put `plan` and its options in "
-                        "front of a `train` command. One step of the model the command would train is run on fake "
-                        "tensors at its real sizes (bf16 autocast, fused AdamW), which gives the peak memory per GPU "
-                        "by kind (weights, gradients, optimizer state, activations), the FLOPs of a step, and the time "
-                        "per step, epoch and run at --mfu of the GPU's bf16 peak; with --gpus N, for DDP and for FSDP. "
-                        "A run that does not fit is planned again with more micro-batches (--grad-accum) until it does. "
-                        "Without --data or --tokenizer the plan assumes the defaults it prints. Nothing is written.\n\n"
-                        f"example:\n  {PROG} plan --gpus 8 train prior --arch joint --preset gpu-mdmnist\n"
+                        description=about + "\n\nexamples:\n"
+                        f"  {PROG} plan --gpus 8 train prior --arch joint --preset gpu-mdmnist\n"
                         f"  {PROG} plan --table            (every GPU preset on one H100: the README's table)\n"
-                        f"  {PROG} plan --check            (the plan against a measured CPU step)")
-    pl.add_argument('--gpu', choices=['h100', 'h200'], default='h100', help='the GPU (default: h100)')
-    pl.add_argument('--gpus', type=_positive_int, default=1, help='GPUs in one DDP / FSDP run (default: 1)')
+                        f"  {PROG} plan --check            (the plan against a measured CPU step and PyTorch's FSDP)")
+    pl.add_argument('--gpu', choices=['h100', 'h200'], default=None, help='the GPU (default: h100)')
+    pl.add_argument('--gpus', type=_positive_int, default=1, help='GPUs in one DDP / FSDP run, 1 to 8 (default: 1)')
     pl.add_argument('--mfu', type=float, default=None, help='model-FLOP utilisation to assume, in (0, 1] (default: 0.35)')
     pl.add_argument('--peak-tflops', type=float, default=None, help="the GPU's bf16 peak in TFLOP/s (default: the GPU's, 989.4)")
     pl.add_argument('--n-train', type=_positive_int, default=None,
                     help="training examples, for a plan without --data (default: MD-MNIST's 9744, or CUB's 5994 for its presets)")
     what = pl.add_mutually_exclusive_group()
-    what.add_argument('--table', action='store_true', help='plan every GPU preset on one --gpu (a markdown table; about 3 minutes)')
-    what.add_argument('--check', action='store_true', help="trace the bench's cpu config and measure one real step of it on this CPU")
+    what.add_argument('--table', action='store_true', help='plan every GPU preset on one --gpu (a markdown table; minutes)')
+    what.add_argument('--check', action='store_true', help="trace the bench's cpu config and measure it on this CPU, and "
+                      "against PyTorch's own FSDP on a fake 4-GPU group")
     pl.add_argument('command_', nargs=argparse.REMAINDER, metavar='train STAGE ...', help='the train command to plan')
     pl.set_defaults(func=run_plan)
 
+_PLAN_OPTIONS = ('--gpu', '--gpus', '--mfu', '--peak-tflops', '--n-train', '--table', '--check')
 
 def run_plan(args) -> int:
     "Plan a `train` command (or every GPU preset, or check the plan on this CPU) and print it."
-    from dalle_course.plan import DEFAULT_MFU, check_on_cpu, check_report, plan_report, plan_run, plan_table, stage_spec
+    from dalle_course.plan import (DEFAULT_MFU, check_fsdp_on_cpu, check_on_cpu, check_report, fsdp_report, plan_report,
+                                   plan_run, plan_table, stage_spec)
     mfu = DEFAULT_MFU if args.mfu is None else args.mfu
     if not 0 < mfu <= 1: raise _error(f"--mfu {mfu:g} is not a fraction; give one in (0, 1], e.g. 0.35")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         raise _error(f"--peak-tflops {args.peak_tflops:g} is not a speed; give the GPU's bf16 TFLOP/s, e.g. 989.4")
-    if (args.table or args.check) and (args.command_ or args.n_train or args.gpus > 1):
-        extra = ' '.join(args.command_) or ('--n-train' if args.n_train else '--gpus')
-        raise _error(f"--{'table' if args.table else 'check'} plans no command of yours (one GPU, the stated data); drop `{extra}`")
-    if args.table: print(plan_table(args.gpu, mfu=mfu)); return 0
-    if args.check: print(check_report(check_on_cpu('cpu', (8, 32)))); return 0
+    late = next((a.split('=')[0] for a in args.command_ if a.split('=')[0] in _PLAN_OPTIONS), None)
+    if late: raise _error(f"{late} is an option of plan, not of train: put it before `train`, e.g. `{PROG} plan {late} ... train ...`")
+    if args.table or args.check:
+        given = [f for f, v in (('--n-train', args.n_train), ('--gpus', args.gpus > 1)) if v] + \
+                ([f for f, v in (('--gpu', args.gpu), ('--mfu', args.mfu), ('--peak-tflops', args.peak_tflops)) if v is not None] if args.check else [])
+        if args.command_ or given:
+            raise _error(f"--{'table' if args.table else 'check'} takes no {(given or ['train command'])[0]}; drop "
+                         f"`{' '.join(args.command_) or given[0]}`")
+    if args.table: print(plan_table(args.gpu or 'h100', mfu=mfu, peak_tflops=args.peak_tflops)); return 0
+    if args.check: print(check_report(check_on_cpu('cpu', (8, 32)))); print(fsdp_report(check_fsdp_on_cpu('cpu', 4, 1))); return 0
     if not args.command_ or args.command_[0] != 'train':
         raise _error(f"plan what? put a train command after the options, e.g. `{PROG} plan train prior --arch joint --preset gpu-mdmnist`")
     tp = _Parser(prog=f'{PROG} plan')
@@ -746,9 +757,8 @@ def run_plan(args) -> int:
     spec = stage_spec(t.stage, getattr(t, row['kind_option'].lstrip('-')), t.preset, data=t.data,
                       tokenizer=getattr(t, 'tokenizer', None), test=t.test, steps=t.steps, batch_size=t.batch_size,
                       grad_accum=t.grad_accum, n_train=args.n_train)
-    print(plan_report(plan_run(spec, args.gpu, args.gpus, mfu, args.peak_tflops)))
+    print(plan_report(plan_run(spec, args.gpu or 'h100', args.gpus, mfu, args.peak_tflops)))
     return 0
-
 
 # %% ../nbs/95_cli.ipynb #95_cli-008
 def main(argv: list[str] | None = None) -> int:

@@ -12,13 +12,15 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .core import InputError, progress
 
 # %% auto #0
-__all__ = ['GPUS', 'DEFAULT_MFU', 'HEADROOM', 'MDMNIST_TRAIN', 'CUB_TRAIN', 'CUB_TEXT', 'MDMNIST_TEXT', 'GPU_PRESETS', 'GPU',
-           'flop_counter', 'fake_model', 'trace_step', 'StageSpec', 'stage_spec', 'memory_per_gpu', 'comm_bytes',
-           'plan_run', 'plan_report', 'check_on_cpu', 'check_report', 'plan_table']
+__all__ = ['GPUS', 'DEFAULT_MFU', 'HEADROOM', 'MDMNIST_TRAIN', 'CUB_TRAIN', 'CUB_TEXT', 'MDMNIST_TEXT', 'COLLECTIVE_S',
+           'DDP_BUCKET', 'LAUNCH_S', 'MAX_GPUS', 'GPU', 'flop_counter', 'fake_model', 'fsdp_units', 'trace_step',
+           'StageSpec', 'stage_spec', 'memory_per_gpu', 'comm_time', 'plan_run', 'plan_report', 'check_on_cpu',
+           'check_report', 'check_fsdp_on_cpu', 'fsdp_report', 'gpu_presets', 'plan_table']
 
 # %% ../nbs/34_plan.ipynb #34_plan-005
 @dataclass(frozen=True)
@@ -78,19 +80,61 @@ def fake_model(model: nn.Module, mode) -> nn.Module:
     return model
 
 
+def _tracker():
+    "A `MemTracker` that also keeps, at every change, the total and the part of it FSDP shards (weights, gradients, AdamW state)."
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    class Tracker(MemTracker):
+        def __init__(self):
+            super().__init__()
+            self.series = []  # (total bytes, shardable bytes) at each update
+
+        def _update_peak_stats(self, peak_state) -> None:
+            super()._update_peak_stats(peak_state)
+            for snap in self._curr_mem_snap.values():
+                self.series.append((snap['Total'], sum(snap.get(k, 0) for k in (_MemRefType.PARAM, _MemRefType.GRAD, _MemRefType.OPT))))
+    return Tracker()
+
+
+class _OpCounter(TorchDispatchMode):
+    "Counts the operators that would launch a kernel (views and metadata queries launch none)."
+    def __init__(self): super().__init__(); self.n = 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == 'aten' and not getattr(func, 'is_view', False) and func not in _NO_KERNEL: self.n += 1
+        return func(*args, **(kwargs or {}))
+
+_NO_KERNEL = {torch.ops.aten.detach.default, torch.ops.aten.alias.default, torch.ops.aten.lift_fresh.default}
+
+
+def fsdp_units(model: nn.Module) -> tuple[int, int, int]:
+    """(bytes of the largest unit FSDP would shard and gather as one, bytes of the weights outside every unit, the
+    number of units), as `fully_shard` applied to each innermost block of a `ModuleList` and to the root would have
+    it. A model without blocks is one unit."""
+    size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    blocks = [b for l in lists for b in l if not any(isinstance(x, nn.ModuleList) for x in b.modules())]
+    if not blocks: return size(model), 0, 1
+    inside = {id(p) for b in blocks for p in b.parameters()}
+    rest = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in inside)
+    return max(size(b) for b in blocks), rest, len(blocks) + 1
+
+
 def trace_step(model: nn.Module, loss_fn, make_batch, hp: dict | None = None, amp: bool = True,
                micro_batches: int = 1) -> dict:
     """Run two training steps of `model` (forward, backward, fused AdamW) on fake tensors: shapes and dtypes only, no
     arithmetic and no storage. `make_batch()` builds one micro-batch (called inside the fake mode); `amp` runs the
-    forward under bf16 autocast. Returns the parameter count, the peak memory of the second step by kind (parameters,
-    gradients, optimizer state, activations, temporaries) and the FLOPs of one step (all `micro_batches`)."""
+    forward under bf16 autocast. Returns the parameter count and bytes, the peak memory and its kinds (weights
+    'param', gradients 'grad', AdamW 'opt', activations 'act', temporaries 'temp'), the total and the shardable part
+    at every change ('series'), what FSDP would hold whole ('gathered_bytes': two units' weights, one unit's
+    gradients, the weights outside every unit), the FLOPs of one step (all `micro_batches`) and the operators that
+    launch a kernel in its forward and backward ('ops')."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
     mode = FakeTensorMode(allow_non_fake_inputs=True)  # tensors the model makes on the fly (masks) become fake too
     for m in model.modules():  # a VQ codebook's k-means start runs once, on the first batch: the trace is of the steps after
         if hasattr(m, '_init_known'): m.initialized.fill_(True); m._init_known = True
     model = fake_model(model, mode).train()
-    n_params = sum(p.numel() for p in model.parameters())
+    nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     with mode, warnings.catch_warnings(), _trace_patches():
         warnings.simplefilter('ignore')
         def backward():  # one step's forward and backward passes, gradients added up over the micro-batches
@@ -99,10 +143,10 @@ def trace_step(model: nn.Module, loss_fn, make_batch, hp: dict | None = None, am
                     loss, _ = _split(loss_fn(model, make_batch(), {**(hp or {}), 'step': 0}))
                 (loss / micro_batches).backward()
                 tracker.reset_mod_stats()  # the tracker follows one call per module at a time; its peak stays
-        counter, tracker = flop_counter(), MemTracker()
-        with counter: backward()
+        counter, ops, tracker = flop_counter(), _OpCounter(), _tracker()
+        with counter, ops: backward()
         model.zero_grad(set_to_none=True)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=True)
+        opt = torch.optim.AdamW(trainable, fused=True)
         tracker.track_external(model, opt)
         with tracker:
             for step in range(2):  # the second step has the optimizer's state: its peak is the run's
@@ -111,22 +155,15 @@ def trace_step(model: nn.Module, loss_fn, make_batch, hp: dict | None = None, am
         peak = next(iter(tracker.get_tracker_snapshot('peak').values()))
     kinds = {str(k).split('.')[-1].lower(): int(v) for k, v in peak.items()}
     total = kinds.pop('total')
-    return {'params': n_params, 'param_bytes': sum(p.numel() * p.element_size() for p in model.parameters()),
-            'largest_block_bytes': _largest_block(model), 'peak_bytes': total, 'peak_kinds': kinds,
-            'flops': counter.get_total_flops()}
+    unit, rest, units = fsdp_units(model)
+    return {'params': sum(p.numel() for p in model.parameters()), 'param_bytes': nbytes(model.parameters()),
+            'trainable_bytes': nbytes(trainable), 'gathered_bytes': (3 if units > 1 else 2) * unit + rest, 'units': units, 'peak_bytes': total,
+            'peak_kinds': kinds, 'series': tracker.series, 'flops': counter.get_total_flops(), 'ops': ops.n}
 
 
 def _split(out):
     return out if isinstance(out, tuple) else (out, {})
 
-
-def _largest_block(model: nn.Module) -> int:
-    "Bytes of the largest repeated block's parameters (what FSDP gathers at once when it shards block by block)."
-    best = 0
-    for m in model.modules():
-        if isinstance(m, nn.ModuleList):
-            for b in m: best = max(best, sum(p.numel() * p.element_size() for p in b.parameters()))
-    return best or sum(p.numel() * p.element_size() for p in model.parameters())
 
 # %% ../nbs/34_plan.ipynb #34_plan-011
 MDMNIST_TRAIN = 10000 - 256   # `dalle-course data mdmnist` makes 10 000 images; training holds the last 256 out
@@ -146,6 +183,7 @@ class StageSpec:
     make_batch: object     # b -> one batch of b examples (called inside the fake mode)
     assumed: list          # what the plan assumed without --data / --tokenizer
     seq_len: int | None = None  # tokens per example of a transformer prior (for the 6 P + 12 L T D check)
+    grad_accum_ok: bool = True  # whether the command takes --grad-accum (a CLIP's contrastive loss needs the whole batch)
 
 
 def _hp0(recipe) -> dict:
@@ -179,8 +217,8 @@ def _data_sizes(stage: str, preset: str, data, test, size: int | None, n_train: 
         return n, size, text, [f"no --data: {what}"]
     from dalle_course.datasets import all_captions, image_size, split_train_test, text_spec
     from dalle_course.text import fit_text_tokenizer
-    train, _ = split_train_test(data, test, 256, stage=stage, size=size)
     if n_train is not None: raise InputError("--n-train is for a plan without --data; with --data, the plan counts its images")
+    train, _ = split_train_test(data, test, 256, stage=stage, size=size)
     text = None
     if stage in ('prior', 'clip'):
         tok, spec = fit_text_tokenizer(text_spec(train), all_captions(train))
@@ -230,11 +268,13 @@ def stage_spec(stage: str, kind: str, preset: str, data=None, tokenizer=None, te
     V, L = text['vocab'], text['length']
     if stage == 'clip':
         from dalle_course.clip import CLIP, clip_loss, resolve_clip_recipe
-        r = resolve_clip_recipe(kind, preset, size, n, V, L, steps, batch_size, overrides=over)
+        if grad_accum > 1: raise InputError(f"train clip refuses --grad-accum (its contrastive loss needs the whole batch's "
+                                            f"in-batch negatives); drop --grad-accum {grad_accum}")
+        r = resolve_clip_recipe(kind, preset, size, n, V, L, steps, batch_size)
         K = r['n_negatives']
         return StageSpec(cmd, r, lambda r: CLIP(**r.model), clip_loss, _hp0(r),
                          lambda b: {'image': torch.rand(b, 3, size, size), 'text': torch.randint(1, V, (b, L)),
-                                    'negatives': torch.randint(1, V, (b, K, L))}, assumed)
+                                    'negatives': torch.randint(1, V, (b, K, L))}, assumed, grad_accum_ok=False)
     if stage == 'prior':
         from dalle_course.core import model_class
         from dalle_course.prior_training import resolve_prior_recipe
@@ -254,61 +294,87 @@ def _trace(spec: StageSpec, micro: int, k: int, amp: bool = True) -> dict:
 
 def memory_per_gpu(t: dict, how: str, gpus: int) -> float:
     """Bytes per GPU of a traced step `t` (one GPU's micro-batches) run `how` ('single', 'ddp', 'fsdp') on `gpus` GPUs.
-    DDP keeps every replica whole and adds its gradient buckets (a flat copy of the gradients); FSDP (block by block,
-    as `fully_shard` would) keeps 1/N of the parameters, gradients and optimizer state and gathers one block, and
-    prefetches the next, at a time."""
+    DDP keeps a whole replica and adds its buckets, a flat copy of the gradients (`trainable_bytes`, else
+    `param_bytes`). FSDP keeps 1/N of the weights, gradients and AdamW state and holds `gathered_bytes` whole; with
+    the trace's `series` (the total and its shardable part at every change) the peak is the highest point of the
+    sharded step, which need not come where the unsharded step peaked; without it, the peak's own kinds are sharded."""
     if how == 'single': return t['peak_bytes']
-    k = t['peak_kinds']
-    if how == 'ddp': return t['peak_bytes'] + t['param_bytes']
-    state = k.get('param', 0) + k.get('grad', 0) + k.get('opt', 0)
-    return t['peak_bytes'] - state * (1 - 1 / gpus) + 2 * t['largest_block_bytes']
+    if how == 'ddp': return t['peak_bytes'] + t.get('trainable_bytes', t['param_bytes'])
+    cut = 1 - 1 / gpus
+    if t.get('series'): top = max(total - shardable * cut for total, shardable in t['series'])
+    else:
+        k = t['peak_kinds']
+        top = t['peak_bytes'] - (k.get('param', 0) + k.get('grad', 0) + k.get('opt', 0)) * cut
+    return top + t['gathered_bytes']
 
 
-def comm_bytes(t: dict, how: str, gpus: int) -> float:
-    "Bytes each GPU sends per step: ring all-reduce of the gradients (DDP), all-gather twice + reduce-scatter (FSDP)."
+COLLECTIVE_S = 20e-6  # the latency of one NCCL collective within a node (small messages), seconds
+DDP_BUCKET = 25 * 2 ** 20  # DDP's default gradient bucket (bucket_cap_mb=25): one all-reduce each
+
+
+def comm_time(t: dict, how: str, gpus: int, micro_batches: int, link_gb_s: float, n_units: int) -> float:
+    """Seconds of communication per step, not overlapped with compute (an estimate at the link's nominal speed): DDP
+    all-reduces the gradients once per step (a ring sends 2 (N-1)/N of them), in 25 MiB buckets; FSDP all-gathers
+    the weights for the forward and again for the backward and reduce-scatters the gradients, per micro-batch and
+    per unit ((N-1)/N each). Each collective adds `COLLECTIVE_S`."""
     if how == 'single' or gpus == 1: return 0.0
-    f = (gpus - 1) / gpus
-    return 2 * f * t['param_bytes'] if how == 'ddp' else f * 3 * t['param_bytes']
+    f, P = (gpus - 1) / gpus, t.get('trainable_bytes', t['param_bytes'])
+    if how == 'ddp': return 2 * f * P / (link_gb_s * 1e9) + math.ceil(P / DDP_BUCKET) * COLLECTIVE_S
+    return micro_batches * (3 * f * P / (link_gb_s * 1e9) + 3 * n_units * COLLECTIVE_S)
+
+
+LAUNCH_S = 5e-6  # a CUDA kernel launch without CUDA graphs, seconds: a floor under a step of small kernels
+MAX_GPUS = 8     # one node: NVLink between every pair; more GPUs talk over the network, which this plan does not model
 
 
 def plan_run(spec: StageSpec, gpu: str | GPU = 'h100', gpus: int = 1, mfu: float = DEFAULT_MFU,
              peak_tflops: float | None = None, fit: bool = True) -> dict:
-    """The plan of `spec` on `gpus` GPUs of `gpu` (a name of `GPUS` or a `GPU`): for each way to run it (one GPU; DDP and
-    FSDP on several) the traced memory per GPU, the FLOPs per step, and the time per step, epoch and run at `mfu` of
-    the bf16 peak, plus communication at the link's speed (not overlapped: an upper bound). With `fit`, a run that does
-    not fit is retraced with more micro-batches (`--grad-accum`) until it does."""
+    """The plan of `spec` on `gpus` GPUs of `gpu` (a name of `GPUS` or a `GPU`) in one node: for each way to run it
+    (one GPU; DDP and FSDP on several) the traced memory per GPU, the FLOPs per step, and the time per step, epoch and
+    run: compute at `mfu` of the bf16 peak (never below one kernel launch per operator) plus communication. With
+    `fit`, a run that does not fit is traced again with more micro-batches (`--grad-accum`: every divisor of the
+    GPU's share, smallest first) until it fits or the memory stops falling."""
     g = GPUS[gpu] if isinstance(gpu, str) else gpu
     if not (0 < mfu <= 1): raise InputError(f"--mfu must be in (0, 1], got {mfu}; 0.35 is a fair guess for small models")
-    if gpus < 1: raise InputError(f"--gpus must be at least 1, got {gpus}")
+    if not 1 <= gpus <= MAX_GPUS:
+        raise InputError(f"--gpus {gpus}: a plan covers one node of 1 to {MAX_GPUS} GPUs (more talk over the network, "
+                         f"which it does not model); plan {MAX_GPUS} and scale")
+    if peak_tflops is not None and not peak_tflops > 0: raise InputError(f"peak TFLOP/s must be positive, got {peak_tflops}")
     r = spec.recipe
     B, k, steps = r.train['batch_size'], r.train.get('grad_accum', 1), r.train['steps']
     if B % (gpus * k): raise InputError(f"batch size {B} does not split into {gpus} GPU(s) x {k} micro-batch(es); "
                                         f"use a batch size that is a multiple of {gpus * k}")
-    peak = (peak_tflops or g.bf16_tflops) * 1e12
+    peak = (g.bf16_tflops if peak_tflops is None else peak_tflops) * 1e12
     usable = g.memory_gib * 2 ** 30
     per_epoch = max(1, r.n_train // B)
-    t = _trace(spec, B // (gpus * k), k)
-    hows = ['single'] if gpus == 1 else ['ddp', 'fsdp']
+    share = B // gpus
+    t = _trace(spec, share // k, k)
     rows = []
-    for how in hows:
+    for how in (['single'] if gpus == 1 else ['ddp', 'fsdp']):
         mem, kk, tt = memory_per_gpu(t, how, gpus), k, t
-        while fit and mem * HEADROOM > usable and (B // gpus) % (kk * 2) == 0:  # more micro-batches, same batch
-            kk *= 2
-            tt = _trace(spec, B // (gpus * kk), kk)
-            mem = memory_per_gpu(tt, how, gpus)
-        compute = tt['flops'] / (peak * mfu)
-        comm = comm_bytes(tt, how, gpus) / (g.link_gb_s * 1e9)
+        tried = [(kk, tt, mem)]
+        if fit and spec.grad_accum_ok:
+            for d in (d for d in range(k + 1, share + 1) if share % d == 0 and d % k == 0):
+                if mem * HEADROOM <= usable: break
+                t2 = _trace(spec, share // d, d)
+                m2 = memory_per_gpu(t2, how, gpus)
+                if m2 > 0.99 * mem: break  # the state, not the activations, fills the GPU: micro-batches do not help
+                kk, tt, mem = d, t2, m2
+        units = max(1, tt.get('units', 1))
+        compute = max(tt['flops'] / (peak * mfu), tt['ops'] * LAUNCH_S)
+        comm = comm_time(tt, how, gpus, kk, g.link_gb_s, units)
         step = compute + comm
         kinds = dict(tt['peak_kinds'])
-        if how == 'fsdp':  # each GPU holds 1/N of the state, and the blocks it gathers
-            kinds.update({k: kinds.get(k, 0) / gpus for k in ('param', 'grad', 'opt')}, gathered=2 * tt['largest_block_bytes'])
-        rows.append(dict(how=how, grad_accum=kk, micro_batch=B // (gpus * kk), memory_bytes=mem,
+        if how == 'fsdp':  # what each GPU holds: 1/N of the state, and what it gathers whole
+            kinds.update({q: kinds.get(q, 0) / gpus for q in ('param', 'grad', 'opt')}, gathered=tt['gathered_bytes'])
+        if how == 'ddp': kinds['buckets'] = tt.get('trainable_bytes', tt['param_bytes'])
+        rows.append(dict(how=how, grad_accum=kk, micro_batch=share // kk, memory_bytes=mem,
                          fits=mem * HEADROOM <= usable, flops_per_gpu=tt['flops'], compute_s=compute, comm_s=comm,
+                         launch_bound=tt['ops'] * LAUNCH_S > tt['flops'] / (peak * mfu),
                          step_s=step, epoch_s=step * per_epoch, run_s=step * steps, peak_kinds=kinds))
-    flops = t['flops'] * gpus
     return dict(command=spec.command, assumed=spec.assumed, gpu=g.name, gpus=gpus, mfu=mfu, peak_tflops=peak / 1e12,
                 memory_gib=g.memory_gib, params=t['params'], param_bytes=t['param_bytes'], batch_size=B, steps=steps,
-                steps_per_epoch=per_epoch, epochs=steps / per_epoch, flops_per_step=flops, rows=rows)
+                steps_per_epoch=per_epoch, epochs=steps / per_epoch, flops_per_step=t['flops'] * gpus, rows=rows)
 
 # %% ../nbs/34_plan.ipynb #34_plan-014
 def _gib(b: float) -> str:
@@ -326,18 +392,21 @@ def plan_report(p: dict) -> str:
     lines += [f"  assumed: {a}" for a in p['assumed']]
     lines.append(f"  model: {p['params'] / 1e6:.1f} M parameters; batch {p['batch_size']}, {p['steps']:,} steps = "
                  f"{p['epochs']:.1f} epochs of {p['steps_per_epoch']:,} steps; {p['flops_per_step'] / 1e9:,.1f} GFLOP per step (traced)")
+    names = (('weights', 'param'), ('gradients', 'grad'), ('optimizer', 'opt'), ('activations', 'act'),
+             ('temporary', 'temp'), ('DDP buckets', 'buckets'), ('gathered whole', 'gathered'))
     for r in p['rows']:
         k = r['peak_kinds']
-        parts = ', '.join(f"{n} {_gib(k.get(key, 0))}" for n, key in (('weights', 'param'), ('gradients', 'grad'),
-                          ('optimizer', 'opt'), ('activations', 'act'), ('temporary', 'temp'), ('gathered', 'gathered'))
-                          if key != 'gathered' or key in k)
-        if r['how'] == 'ddp': parts += f", DDP buckets {_gib(p['param_bytes'])}"
+        parts = ', '.join(f"{n} {_gib(k.get(key, 0))}" for n, key in names if key in k or key in ('param', 'grad', 'opt', 'act'))
+        verdict = 'fits' if r['fits'] else 'does NOT fit' + (' at any --grad-accum' if r['grad_accum'] > 1 or r['micro_batch'] == 1 else '')
         lines.append(f"  {how[r['how']]:<9} micro-batch {r['micro_batch']} x {r['grad_accum']} (--grad-accum {r['grad_accum']}): "
                      f"{_gib(r['memory_bytes'])} per GPU at the traced peak ({parts}); "
-                     f"{'fits' if r['fits'] else 'does NOT fit'} ({_gib(r['memory_bytes'] * HEADROOM)} with {100 * (HEADROOM - 1):.0f}% headroom)")
+                     f"{verdict} ({_gib(r['memory_bytes'] * HEADROOM)} with {100 * (HEADROOM - 1):.0f}% headroom)")
         comm = f" + {_dur(r['comm_s'])} communication" if r['comm_s'] else ''
-        lines.append(f"  {'':<9} {_dur(r['compute_s'])} compute{comm} per step; {_dur(r['epoch_s'])} per epoch, "
+        bound = ' (kernel launches, not arithmetic, set it)' if r['launch_bound'] else ''
+        lines.append(f"  {'':<9} {_dur(r['compute_s'])} compute{bound}{comm} per step; {_dur(r['epoch_s'])} per epoch, "
                      f"{_dur(r['run_s'])} per run (training steps only)")
+    if any(not r['fits'] for r in p['rows']):
+        lines.append("  it does not fit: lower --batch-size, use more GPUs (FSDP shards the state), or a GPU with more memory")
     return '\n'.join(lines)
 
 # %% ../nbs/34_plan.ipynb #34_plan-019
@@ -402,26 +471,73 @@ def check_report(c: dict) -> str:
     lines.append(f"  memory growth from batch {c['rows'][0]['batch_size']} to {c['rows'][-1]['batch_size']}: measured / planned = {c['growth_ratio']:.2f}")
     return '\n'.join(lines)
 
+
+_FSDP = r'''
+import json, sys, torch, torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
+from torch.distributed.fsdp import fully_shard
+from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+from dalle_course.prior import JointPrior
+from dalle_course.speed import BENCH_CONFIGS, _batch, _prior
+cfg, N, B = BENCH_CONFIGS[sys.argv[1]], int(sys.argv[2]), int(sys.argv[3])
+dist.init_process_group('fake', store=FakeStore(), rank=0, world_size=N)  # collectives that move nothing
+m = _prior(cfg, 'causal', 'cpu')
+for blk in m.transformer.blocks: fully_shard(blk)
+fully_shard(m)
+opt = torch.optim.AdamW(m.parameters())
+tracker = FSDPMemTracker(m, opt)
+with tracker:
+    for _ in range(2):
+        loss, _ = JointPrior.loss_fn(m, _batch(cfg, B, 'cpu')); loss.backward(); opt.step(); opt.zero_grad()
+        tracker.reset_mod_stats()
+peak = next(iter(tracker.get_tracker_snapshot('peak').values()))
+print(json.dumps({str(k).split('.')[-1].lower(): int(v) for k, v in peak.items()}))
+dist.destroy_process_group()
+'''
+
+
+def check_fsdp_on_cpu(config: str = 'cpu', gpus: int = 4, batch_size: int = 8) -> dict:
+    """The plan's FSDP memory per GPU for a G1 of bench config `config` (fp32) with `batch_size` examples per GPU, beside
+    what PyTorch's own FSDP2 (`fully_shard` on every block and the root) holds at its peak on a fake process group of
+    `gpus` ranks (real tensors on this CPU, collectives that move nothing), as its `FSDPMemTracker` counts it."""
+    import json, subprocess, sys
+    from dalle_course.prior import JointPrior
+    from dalle_course.speed import BENCH_CONFIGS, _batch, _prior
+    cfg = BENCH_CONFIGS[config]
+    t = trace_step(_prior(cfg, 'causal', 'cpu'), JointPrior.loss_fn, lambda: _batch(cfg, batch_size, 'cpu'), amp=False)
+    out = subprocess.run([sys.executable, '-c', _FSDP, config, str(gpus), str(batch_size)], capture_output=True, text=True)
+    if out.returncode: raise RuntimeError(f"the FSDP process failed: {out.stderr.strip().splitlines()[-1:]}")
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    return dict(config=config, gpus=gpus, batch_size=batch_size, planned_bytes=memory_per_gpu(t, 'fsdp', gpus),
+                single_bytes=t['peak_bytes'], measured_bytes=measured['total'], measured_kinds=measured)
+
+
+def fsdp_report(c: dict) -> str:
+    "The printed form of `check_fsdp_on_cpu`."
+    M = lambda b: f"{b / 2 ** 20:.1f} MiB"
+    return (f"FSDP on {c['gpus']} ranks, bench config {c['config']}, {c['batch_size']} examples per rank (fp32): planned "
+            f"{M(c['planned_bytes'])} per GPU, PyTorch's fully_shard measured {M(c['measured_bytes'])} "
+            f"({100 * (c['planned_bytes'] / c['measured_bytes'] - 1):+.1f}%); one GPU unsharded: {M(c['single_bytes'])}")
+
 # %% ../nbs/34_plan.ipynb #34_plan-022
-GPU_PRESETS = [('tokenizer', 'dvae-dalle', 'gpu-mdmnist'), ('tokenizer', 'fsq', 'gpu-mdmnist'),
-               ('tokenizer', 'dvae-thesis', 'thesis-mdmnist'), ('tokenizer', 'dvae-thesis', 'thesis-cub64'),
-               ('tokenizer', 'dvae-thesis', 'thesis-cub128'), ('tokenizer', 'dvae-thesis', 'thesis-t5-dvae'),
-               ('tokenizer', 'vqvae', 'thesis-t5-vqvae'),
-               *[('prior', a, 'gpu-mdmnist') for a in ('joint', 'separate', 'paella', 'maskgit')],
-               ('prior', 'joint', 'thesis-mdmnist'), ('prior', 'separate', 'thesis-mdmnist'),
-               ('prior', 'separate', 'thesis-cub64'), ('prior', 'separate', 'thesis-cub128'),
-               ('clip', 'vit', 'thesis-mdmnist')]
+def gpu_presets() -> list[tuple[str, str, str]]:
+    "(stage, kind, preset) of every GPU preset: each tokenizer preset but `tiny` with each of its kinds, each prior preset but `tiny` with each architecture it takes, CLIP's thesis preset."
+    from dalle_course.core import MODELS
+    from dalle_course.prior_training import PRIOR_PRESETS
+    from dalle_course.tokenizer_training import PRESETS
+    rows = [('tokenizer', k, p) for p, v in PRESETS.items() if p != 'tiny' for k in v['kinds']]
+    rows += [('prior', a, p) for p, v in PRIOR_PRESETS.items() if p != 'tiny' for a in v.get('archs', tuple(MODELS['prior']))]
+    return rows + [('clip', 'vit', 'thesis-mdmnist')]
 
 
-def plan_table(gpu: str = 'h100', presets=GPU_PRESETS, mfu: float = DEFAULT_MFU) -> str:
-    "A markdown table of the plan of every (stage, kind, preset) in `presets` on one `gpu`, at the stated defaults."
-    g = GPUS[gpu]
-    rows = [f"| command | parameters | memory per GPU | batch x --grad-accum | per epoch | per run | fits one {gpu.upper()} |",
+def plan_table(gpu: str = 'h100', presets=None, mfu: float = DEFAULT_MFU, peak_tflops: float | None = None) -> str:
+    "A markdown table of the plan of every (stage, kind, preset) in `presets` (default: `gpu_presets()`) on one `gpu`."
+    rows = [f"| command | parameters | memory per GPU | micro-batch x --grad-accum | per epoch | per run | fits one {gpu.upper()} |",
             '|---|---:|---:|---|---:|---:|---|']
-    for stage, kind, preset in progress(presets, desc='planning', leave=False):
-        p = plan_run(stage_spec(stage, kind, preset), gpu, 1, mfu)
+    for stage, kind, preset in progress(presets or gpu_presets(), desc='planning', leave=False):
+        p = plan_run(stage_spec(stage, kind, preset), gpu, 1, mfu, peak_tflops)
         r = p['rows'][0]
         rows.append(f"| `train {stage} {'--arch' if stage == 'prior' else '--kind'} {kind} --preset {preset}` | "
-                    f"{p['params'] / 1e6:.1f} M | {_gib(r['memory_bytes'])} | {p['batch_size']} x {r['grad_accum']} | "
+                    f"{p['params'] / 1e6:.1f} M | {_gib(r['memory_bytes'])} | {p['batch_size'] // r['grad_accum']} x {r['grad_accum']} | "
                     f"{_dur(r['epoch_s'])} | {_dur(r['run_s'])} ({p['steps']:,} steps) | {'yes' if r['fits'] else 'no'} |")
     return '\n'.join(rows)

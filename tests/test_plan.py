@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from dalle_course.plan import (GPUS, HEADROOM, check_on_cpu, memory_per_gpu, plan_report, plan_run, stage_spec,
-                               trace_step)
+from dalle_course.plan import (COLLECTIVE_S, GPUS, HEADROOM, check_fsdp_on_cpu, check_on_cpu, comm_time, memory_per_gpu,
+                               plan_report, plan_run, stage_spec, trace_step)
 from dalle_course.prior import JointPrior
 from dalle_course.speed import BENCH_CONFIGS, _batch, _prior, train_flops_per_token
 
@@ -26,6 +26,7 @@ def test_memory_by_kind_of_a_linear_layer():
     assert t['peak_kinds']['param'] == 4 * P
     assert t['peak_kinds']['opt'] == 8 * P + 4 * len(list(nn.Linear(d, d).parameters()))  # two moments + a step count each
     assert t['peak_bytes'] >= 4 * P + 8 * P + 4 * B * d  # weights, AdamW, at least the input
+    assert t['gathered_bytes'] == 2 * 4 * P  # one unit: its weights and its gradients whole
     assert t['flops'] == 2 * 2 * B * d * d  # the forward product, and the weight's gradient (the input needs none)
 
 
@@ -48,11 +49,52 @@ def test_the_plan_matches_a_measured_cpu_step():
 
 
 def test_ddp_and_fsdp_memory():
-    t = dict(peak_bytes=10_000, param_bytes=1_000, largest_block_bytes=100,
+    t = dict(peak_bytes=10_000, param_bytes=1_000, trainable_bytes=900, gathered_bytes=300,
              peak_kinds=dict(param=1_000, grad=1_000, opt=2_000, act=6_000))
     assert memory_per_gpu(t, 'single', 1) == 10_000
-    assert memory_per_gpu(t, 'ddp', 4) == 11_000  # DDP's buckets: a flat copy of the gradients
-    assert memory_per_gpu(t, 'fsdp', 4) == 10_000 - 4_000 * 3 / 4 + 200
+    assert memory_per_gpu(t, 'ddp', 4) == 10_900  # DDP's buckets: a flat copy of the trainable gradients
+    assert memory_per_gpu(t, 'fsdp', 4) == 10_000 - 4_000 * 3 / 4 + 300
+    # with the trace's series, the sharded step's own peak: here the state-heavy moment (the optimizer step) is the
+    # unsharded peak, but once sharded the activation-heavy moment (end of the forward) is higher
+    t['series'] = [(10_000, 8_000), (9_000, 1_000)]
+    assert memory_per_gpu(t, 'fsdp', 4) == max(10_000 - 8_000 * 0.75, 9_000 - 1_000 * 0.75) + 300 == 8_550
+
+
+@pytest.mark.parametrize('gpus,batch', [(4, 1), (4, 8)], ids=['state-heavy', 'activation-heavy'])
+def test_fsdp_plan_against_pytorchs_fully_shard(gpus, batch):
+    "PyTorch's FSDP2 on a fake process group holds what the plan says, to within 10% (and never more)."
+    c = check_fsdp_on_cpu('cpu', gpus, batch)
+    assert 1.0 <= c['planned_bytes'] / c['measured_bytes'] < 1.10, c
+    assert c['measured_bytes'] < c['single_bytes']  # sharding saved something
+
+
+def test_communication_and_epochs():
+    t = dict(param_bytes=100 * 2 ** 20, trainable_bytes=100 * 2 ** 20)
+    assert comm_time(t, 'single', 8, 1, 450, 13) == 0
+    ddp = comm_time(t, 'ddp', 4, 1, 450, 13)
+    assert ddp == pytest.approx(2 * 0.75 * 100 * 2 ** 20 / 450e9 + 4 * COLLECTIVE_S)  # 4 buckets of 25 MiB
+    assert comm_time(t, 'ddp', 4, 3, 450, 13) == ddp  # no_sync: one all-reduce per step, whatever the micro-batches
+    fsdp = comm_time(t, 'fsdp', 4, 2, 450, 13)
+    assert fsdp == pytest.approx(2 * (3 * 0.75 * 100 * 2 ** 20 / 450e9 + 3 * 13 * COLLECTIVE_S))
+    p = plan_run(stage_spec('tokenizer', 'fsq', 'tiny', n_train=1000), 'h100', 1)
+    r = p['rows'][0]
+    assert p['steps_per_epoch'] == 1000 // p['batch_size'] and r['epoch_s'] == pytest.approx(r['step_s'] * p['steps_per_epoch'])
+    assert r['step_s'] >= r['compute_s'] > 0
+
+
+def test_refusals():
+    from dalle_course.core import InputError
+    with pytest.raises(InputError, match='--grad-accum'):
+        stage_spec('clip', 'vit', 'tiny', grad_accum=2)
+    s = stage_spec('tokenizer', 'fsq', 'tiny')
+    with pytest.raises(InputError, match='one node'):
+        plan_run(s, 'h100', 16)
+    with pytest.raises(InputError, match='--mfu'):
+        plan_run(s, 'h100', 1, mfu=0)
+    with pytest.raises(InputError, match='peak'):
+        plan_run(s, 'h100', 1, peak_tflops=0)
+    with pytest.raises(InputError, match='does not split'):
+        plan_run(stage_spec('tokenizer', 'fsq', 'tiny', batch_size=6), 'h100', 4)
 
 
 TINY = [('tokenizer', k) for k in ('dvae-dalle', 'dvae-thesis', 'vqvae', 'vqvae-ema', 'vqvae-rotation', 'fsq')] + \
@@ -67,6 +109,8 @@ def test_every_train_command_plans(stage, kind):
     for r in p['rows']:
         assert r['memory_bytes'] > p['param_bytes'] and r['flops_per_gpu'] > 0 and r['fits']
         assert r['run_s'] == pytest.approx(r['step_s'] * p['steps'])
+    ddp, fsdp = p['rows']
+    assert fsdp['peak_kinds']['opt'] == pytest.approx(ddp['peak_kinds']['opt'] / 2)  # each of 2 GPUs holds half
     assert 'fits' in plan_report(p)
 
 
@@ -113,10 +157,15 @@ def _cli(*args):
 @pytest.mark.parametrize('args,words', [
     (['plan', '--mfu', '2', 'train', 'tokenizer', '--kind', 'fsq'], '--mfu'),
     (['plan'], 'plan what?'),
-    (['plan', '--table', 'train', 'prior', '--arch', 'joint'], '--table plans no command'),
+    (['plan', '--table', 'train', 'prior', '--arch', 'joint'], '--table takes no train command'),
+    (['plan', '--check', '--gpu', 'h200'], '--check takes no --gpu'),
+    (['plan', 'train', 'tokenizer', '--kind', 'fsq', '--gpus', '2'], 'put it before `train`'),
+    (['plan', '--gpus', '9', 'train', 'tokenizer', '--kind', 'fsq'], 'one node'),
+    (['plan', 'train', 'clip', '--kind', 'vit', '--grad-accum', '2'], 'refuses --grad-accum'),
     (['plan', 'train', 'tokenizer', '--kind', 'fsq', '--preset', 'thesis-cub64'], "has no settings for 'fsq'"),
     (['plan', 'train', 'prior', '--arch', 'joint', '--data', '/nonexistent/md'], '/nonexistent/md'),
-], ids=['mfu', 'no-command', 'table-and-command', 'kind-preset', 'missing-data'])
+], ids=['mfu', 'no-command', 'table-and-command', 'check-and-gpu', 'option-after-train', 'gpus-9', 'clip-accum',
+        'kind-preset', 'missing-data'])
 def test_cli_refusals_are_one_line(args, words, tmp_path):
     r = _cli(*args)
     assert r.returncode == 2, r.stderr
@@ -140,6 +189,8 @@ def test_the_exercise_check_takes_every_correct_form():
     check_memory_per_gpu(memory_per_gpu)
     check_memory_per_gpu(lambda t, how, n: round(memory_per_gpu(t, how, n)))
     check_memory_per_gpu(lambda t, how, n: np.int64(round(memory_per_gpu(t, how, n))))
-    check_memory_per_gpu(lambda t, how, n: torch.tensor(memory_per_gpu(t, how, n), dtype=torch.float64))
+    check_memory_per_gpu(lambda t, how, n: torch.tensor(memory_per_gpu(t, how, n), dtype=torch.float32))
+    check_memory_per_gpu(lambda t, how, n: np.float32(memory_per_gpu(t, how, n)))
+    check_memory_per_gpu(lambda t, how, n: np.array(memory_per_gpu(t, how, n)))
     with pytest.raises(CheckFailure, match='flat copy'):
         check_memory_per_gpu(lambda t, how, n: t['peak_bytes'] if how == 'ddp' else memory_per_gpu(t, how, n))
