@@ -1088,9 +1088,13 @@ def _ref_sample(m, text, temperature, top_k, guidance, seed):
 def check_sample_loop(fn) -> None:
     "Check `fn(prior, text, temperature, top_k, guidance, generator) -> (B, N)` tokens: cached, guided, filtered, drawn like the reference."
     n = 0
-    for seed, B, L, h, w, temperature, top_k, guidance in [(0, 2, 4, 2, 3, 1.0, None, 1.0), (1, 3, 4, 3, 3, 0.7, 5, 1.0),
-                                                          (2, 2, 3, 2, 2, 1.3, None, 3.0), (3, 1, 5, 3, 2, 0.9, 4, 2.0)]:
+    # each of temperature, top_k and guidance changes the reference's draws in at least one case (sharp: the image
+    # head scaled so that the logits are far from flat), so an answer that ignores any of them fails
+    for seed, B, L, h, w, temperature, top_k, guidance, sharp in [
+            (0, 2, 4, 2, 3, 1.0, None, 1.0, 1), (1, 3, 4, 3, 3, 0.5, 5, 1.0, 3), (1, 3, 4, 3, 3, 0.7, 3, 1.0, 2),
+            (3, 1, 5, 3, 2, 0.9, 4, 2.0, 1), (5, 3, 4, 3, 3, 1.0, None, 4.0, 1)]:
         m = _tiny_joint(seed, L, h, w)
+        with torch.no_grad(): m.image_head.weight.mul_(sharp); m.image_head.bias.mul_(sharp)
         g = torch.Generator().manual_seed(seed)
         text = torch.randint(1, 11, (B, L), generator=g)
         ref = _ref_sample(m, text, temperature, top_k, guidance, seed + 100)
@@ -1168,8 +1172,9 @@ def check_contrastive_loss(fn) -> None:
             case = f"contrastive_loss(logits of shape {(B, B)})"
             out = fn(logits)
             expect(isinstance(out, torch.Tensor) and out.numel() == 1, f"{case} returns a scalar tensor", 'scalar', getattr(out, 'shape', out))
-            expect(abs(float(out.detach()) - ref) < 1e-8 * max(1, abs(ref)), f"{case}: the mean over both directions of the cross-entropy "
-                   f"of the matching pair (image i -> text i along row i, text i -> image i along column i), averaged over the batch", ref, float(out.detach()))
+            expect(abs(float(out.detach()) - ref) <= 1e-5 * max(1, abs(ref)), f"{case}: the mean over both directions of the cross-entropy "
+                   f"of the matching pair (image i -> text i along row i, text i -> image i along column i), averaged over the batch "
+                   f"(to 1e-5 relative: float32 or float64; yours is {out.dtype})", ref, float(out.detach()))
             out.backward()
             expect(logits.grad is not None and torch.isfinite(logits.grad).all(), f"{case}: the loss is differentiable in the logits", 'finite gradient', logits.grad)
             n += 1

@@ -76,7 +76,8 @@ def g1_no_positions(p, text, img): return _g1(p, text, img, pos=False)
 def g1_split_at_L(p, text, img): return _g1(p, text, img, split='L')
 
 # ---- 24: the sampling loop
-def _loop(prior, text, temperature, top_k, guidance, generator, order='temp-first', cache=True, batched=True, guide_mode='right'):
+def _loop(prior, text, temperature, top_k, guidance, generator, order='temp-first', cache=True, batched=True, guide_mode='right',
+          ignore_top_k=False):
     B, N = text.shape[0], prior.n_img
     cfg = guidance != 1.0
     rows = torch.cat([text, prior.null_text(B)]) if cfg else text
@@ -95,9 +96,10 @@ def _loop(prior, text, temperature, top_k, guidance, generator, order='temp-firs
         l = logits.float()
         if cfg:
             c, u = l[:B], l[B:]
-            l = u + guidance * (c - u) if guide_mode == 'right' else c + guidance * (c - u)
-        if order == 'temp-first': l = l / temperature
-        if top_k: l = l.masked_fill(l < l.topk(top_k, -1).values[:, -1:], float('-inf'))
+            l = (u + guidance * (c - u) if guide_mode == 'right' else c if guide_mode == 'cond-only'
+                 else c + guidance * (c - u))
+        if order == 'temp-first': l = l / temperature  # order 'none': the temperature is ignored
+        if top_k and not ignore_top_k: l = l.masked_fill(l < l.topk(top_k, -1).values[:, -1:], float('-inf'))
         if order == 'temp-last': l = l / temperature
         elif order == 'temp-times': l = l * temperature
         tok = torch.multinomial(l.softmax(-1), 1, generator=generator)
@@ -109,6 +111,9 @@ def loop_right(*a): return _loop(*a)
 def loop_no_cache(*a): return _loop(*a, cache=False)
 def loop_times_temperature(*a): return _loop(*a, order='temp-times')
 def loop_wrong_guidance(*a): return _loop(*a, guide_mode='cond-based')
+def loop_no_temperature(*a): return _loop(*a, order='none')           # ignores the temperature
+def loop_no_top_k(*a): return _loop(*a, ignore_top_k=True)             # ignores top_k
+def loop_cond_only(*a): return _loop(*a, guide_mode='cond-only')       # stacks the rows but ignores the guidance scale
 
 PLANTED = {
     'check_dalle_elb': (elb_right, [(elb_no_map, 'φ(x)'), (elb_b_not_exp, 'exp(log_b)'), (elb_two_means, 'hw/(3HW)'),
@@ -120,5 +125,6 @@ PLANTED = {
                               (mha_no_out_proj, 'output projection'), (mha_weight_not_transposed, 'x Wᵀ + b')]),
     'check_g1_forward': (g1_right, [(g1_no_positions, 'position embeddings'), (g1_split_at_L, 'position L−1 on')]),
     'check_sample_loop': (loop_right, [(loop_no_cache, 'KV cache'), (loop_times_temperature, 'divide by the temperature'),
-                                       (loop_wrong_guidance, 'uncond + s·(cond − uncond)')]),
+                                       (loop_wrong_guidance, 'uncond + s·(cond − uncond)'), loop_no_temperature,
+                                       loop_no_top_k, loop_cond_only]),
 }

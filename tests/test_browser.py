@@ -96,7 +96,8 @@ def _open(browser, base, name):
     page = browser.new_page(viewport={'width': 1400, 'height': 1000})
     page.set_default_timeout(120_000)
     page.goto(f'{base}/lab/workspaces/{Path(name).stem}/tree/{name}?reset&token={TOKEN}')
-    page.wait_for_function(f"""(name) => {{ const p = ({PANEL})(name);
+    page.wait_for_function(f"""(name) => {{ if (!window.jupyterapp || !window.jupyterapp.shell) return false;  // still loading
+        const p = ({PANEL})(name);
         return p && p.sessionContext.session && p.sessionContext.session.kernel && p.sessionContext.session.kernel.status === 'idle'; }}""",
                            arg=name)
     return page

@@ -68,3 +68,10 @@ def test_unwritten_exercise_is_named():
     for name, check in CHECKS.items():
         with pytest.raises(CheckFailure, match='`my_answer` is not written yet'):
             check(my_answer)
+
+
+def test_contrastive_check_takes_the_librarys_answer_in_float32_and_float64():
+    "The check compares at 1e-5: an answer computed in float32 (as the library's own is) passes, as does float64."
+    from dalle_course.clip import contrastive_loss
+    checks.check_contrastive_loss(lambda logits: contrastive_loss(logits.float()))
+    checks.check_contrastive_loss(lambda logits: contrastive_loss(logits.double()))
