@@ -352,7 +352,6 @@ def plan_run(spec: StageSpec, gpu: str | GPU = 'h100', gpus: int = 1, mfu: float
     rows = []
     for how in (['single'] if gpus == 1 else ['ddp', 'fsdp']):
         mem, kk, tt = memory_per_gpu(t, how, gpus), k, t
-        tried = [(kk, tt, mem)]
         if fit and spec.grad_accum_ok:
             for d in (d for d in range(k + 1, share + 1) if share % d == 0 and d % k == 0):
                 if mem * HEADROOM <= usable: break
