@@ -125,6 +125,7 @@ PLANTED = {
                               (mha_no_out_proj, 'output projection'), (mha_weight_not_transposed, 'x Wᵀ + b')]),
     'check_g1_forward': (g1_right, [(g1_no_positions, 'position embeddings'), (g1_split_at_L, 'position L−1 on')]),
     'check_sample_loop': (loop_right, [(loop_no_cache, 'KV cache'), (loop_times_temperature, 'divide by the temperature'),
-                                       (loop_wrong_guidance, 'uncond + s·(cond − uncond)'), loop_no_temperature,
-                                       loop_no_top_k, loop_cond_only]),
+                                       (loop_wrong_guidance, 'uncond + s·(cond − uncond)'),
+                                       (loop_no_temperature, 'divide by the temperature'),
+                                       (loop_no_top_k, 'keep the top_k largest'), (loop_cond_only, 'uncond + s·(cond − uncond)')]),
 }
