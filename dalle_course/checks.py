@@ -1092,7 +1092,7 @@ def check_sample_loop(fn) -> None:
     # head scaled so that the logits are far from flat), so an answer that ignores any of them fails
     for seed, B, L, h, w, temperature, top_k, guidance, sharp in [
             (0, 2, 4, 2, 3, 1.0, None, 1.0, 1), (1, 3, 4, 3, 3, 0.5, 5, 1.0, 3), (1, 3, 4, 3, 3, 0.7, 3, 1.0, 2),
-            (3, 1, 5, 3, 2, 0.9, 4, 2.0, 1), (5, 3, 4, 3, 3, 1.0, None, 4.0, 1)]:
+            (3, 1, 5, 3, 2, 0.9, 4, 2.0, 1), (5, 3, 4, 3, 3, 1.0, None, 4.0, 1), (5, 3, 4, 3, 3, 1.0, None, 0.5, 1)]:
         m = _tiny_joint(seed, L, h, w)
         with torch.no_grad(): m.image_head.weight.mul_(sharp); m.image_head.bias.mul_(sharp)
         g = torch.Generator().manual_seed(seed)
@@ -1100,7 +1100,8 @@ def check_sample_loop(fn) -> None:
         ref = _ref_sample(m, text, temperature, top_k, guidance, seed + 100)
         wrapped = _CountingPrior(m)
         case = f"sample_loop(B={B}, N={h * w}, temperature={temperature}, top_k={top_k}, guidance={guidance})"
-        with torch.no_grad(): out = fn(wrapped, text.clone(), temperature, top_k, guidance, torch.Generator().manual_seed(seed + 100))
+        given = text.clone()
+        with torch.no_grad(): out = fn(wrapped, given, temperature, top_k, guidance, torch.Generator().manual_seed(seed + 100))
         R = 2 * B if guidance != 1.0 else B
         kinds = [c[0] for c in wrapped.calls]
         expect('forward' not in kinds, f"{case}: decode with the KV cache, not the full forward pass", 'prefix once, then extend', kinds[:4],
@@ -1113,6 +1114,8 @@ def check_sample_loop(fn) -> None:
                f"{h * w - 1} × ('extend', {(R, 1)})", ext[:3], hint="feed each drawn token to both halves: torch.cat([tok, tok]) when guiding")
         expect(isinstance(out, torch.Tensor) and tuple(out.reshape(B, -1).shape) == (B, h * w), f"{case}: returns (B, N) tokens", (B, h * w),
                getattr(out, 'shape', out))
+        expect(not out.is_floating_point() and not out.is_complex(), f"{case}: tokens are integer ids", 'an integer dtype', out.dtype)
+        expect(torch.equal(given, text), f"{case} must not change the captions it is given", 'unchanged', 'changed')
         same = out.reshape(B, -1).long() == ref
         first = None if same.all() else int((~same).any(0).nonzero()[0])
         expect(first is None, f"{case}: the tokens equal the reference's (same generator); first difference at step {first}", ref, out.reshape(B, -1),
@@ -1161,7 +1164,7 @@ def check_contrastive_loss(fn) -> None:
     import math
     g = torch.Generator().manual_seed(0); n = 0
     for B in (1, 2, 5, 16):
-        for scale in (1.0, 14.3):
+        for scale in (1.0, 14.3, 100.0):  # 100: CLIP's largest logit scale, where softmax(...).log() overflows
             logits = (torch.randn(B, B, generator=g, dtype=torch.float64) * scale).requires_grad_()
             ref, ld = 0.0, logits.detach()
             for i in range(B):   # image i against every text, and text i against every image, one row at a time

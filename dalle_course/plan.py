@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .core import InputError, progress
+from .learner import _split  # a loss function's output as (loss, metrics)
 
 # %% auto #0
 __all__ = ['GPUS', 'DEFAULT_MFU', 'HEADROOM', 'MDMNIST_TRAIN', 'CUB_TRAIN', 'CUB_TEXT', 'MDMNIST_TEXT', 'COLLECTIVE_S',
@@ -160,9 +161,6 @@ def trace_step(model: nn.Module, loss_fn, make_batch, hp: dict | None = None, am
             'trainable_bytes': nbytes(trainable), 'gathered_bytes': (3 if units > 1 else 2) * unit + rest, 'units': units, 'peak_bytes': total,
             'peak_kinds': kinds, 'series': tracker.series, 'flops': counter.get_total_flops(), 'ops': ops.n}
 
-
-def _split(out):
-    return out if isinstance(out, tuple) else (out, {})
 
 
 # %% ../nbs/34_plan.ipynb #34_plan-011

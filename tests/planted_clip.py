@@ -74,8 +74,13 @@ def cl_bce(l):  # sigmoid on each pair instead of a softmax over the batch
     return F.binary_cross_entropy_with_logits(l, torch.eye(len(l), dtype=l.dtype))
 
 
+def cl_softmax_log(l):  # log of the softmax in float32: overflows at CLIP's logit scales (up to 100)
+    i, l = torch.arange(len(l)), l.float()
+    return -(l.softmax(1).log()[i, i].mean() + l.softmax(0).log()[i, i].mean()) / 2
+
+
 PLANTED = {
     'check_ctrs_perturbation': (pert_right, [pert_with_replacement, pert_maybe_same, pert_in_place,
                                              pert_always_plus_one, pert_first_positions]),
-    'check_contrastive_loss': (cl_right, [cl_one_direction, cl_sum_not_mean, cl_bce]),
+    'check_contrastive_loss': (cl_right, [cl_one_direction, cl_sum_not_mean, cl_bce, cl_softmax_log]),
 }

@@ -114,6 +114,10 @@ def loop_wrong_guidance(*a): return _loop(*a, guide_mode='cond-based')
 def loop_no_temperature(*a): return _loop(*a, order='none')           # ignores the temperature
 def loop_no_top_k(*a): return _loop(*a, ignore_top_k=True)             # ignores top_k
 def loop_cond_only(*a): return _loop(*a, guide_mode='cond-only')       # stacks the rows but ignores the guidance scale
+def loop_guide_above_one(prior, text, t, k, g, gen): return _loop(prior, text, t, k, g if g > 1 else 1.0, gen)  # s < 1 ignored
+def loop_float_tokens(*a): return _loop(*a).float()                     # token ids as floats
+def loop_writes_text(prior, text, *a):                                  # zeroes the caller's captions after using them
+    out = _loop(prior, text, *a); text.zero_(); return out
 
 PLANTED = {
     'check_dalle_elb': (elb_right, [(elb_no_map, 'φ(x)'), (elb_b_not_exp, 'exp(log_b)'), (elb_two_means, 'hw/(3HW)'),
@@ -127,5 +131,7 @@ PLANTED = {
     'check_sample_loop': (loop_right, [(loop_no_cache, 'KV cache'), (loop_times_temperature, 'divide by the temperature'),
                                        (loop_wrong_guidance, 'uncond + s·(cond − uncond)'),
                                        (loop_no_temperature, 'divide by the temperature'),
-                                       (loop_no_top_k, 'keep the top_k largest'), (loop_cond_only, 'uncond + s·(cond − uncond)')]),
+                                       (loop_no_top_k, 'keep the top_k largest'), (loop_cond_only, 'uncond + s·(cond − uncond)'),
+                                       (loop_guide_above_one, 'with guidance ≠ 1'), (loop_float_tokens, 'integer ids'),
+                                       (loop_writes_text, 'must not change the captions')]),
 }
