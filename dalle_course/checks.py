@@ -20,7 +20,7 @@ __all__ = ['check_colorize', 'check_slot_box', 'check_warmup_cosine_lr', 'check_
            'check_g1_forward', 'check_top_k', 'check_top_p', 'check_guide', 'check_sample_loop',
            'check_ctrs_perturbation', 'check_contrastive_loss', 'check_renoise', 'check_paella_weight',
            'check_mask_schedule', 'check_static_attend', 'check_square_pad', 'check_perturb_caption',
-           'check_memory_per_gpu']
+           'check_memory_per_gpu', 'check_scale_grad', 'check_update_scale']
 
 # %% ../nbs/91_checks.ipynb #91_checks-004
 @exercise_check
@@ -1372,3 +1372,77 @@ def check_memory_per_gpu(fn) -> None:
             n += 1
     passed('memory_per_gpu', n)
 
+
+# %% ../nbs/91_checks.ipynb #91_checks-p35b
+@exercise_check
+def check_scale_grad(fn) -> None:
+    """Check `fn(x, s)`: `x` unchanged (to 1e-6 relative) on the way forward, the incoming gradient times `s` on the way
+    back, in the gradient's dtype (fp32 to 1e-6, fp16 to 2e-3 relative); `x` itself untouched (lesson 35)."""
+    g = torch.Generator().manual_seed(0); n = 0
+    for shape, s, dtype in [((5,), 1024.0, torch.float32), ((3, 4), 0.125, torch.float32), ((2, 3, 4), 3.0, torch.float32),
+                            ((6,), 4096.0, torch.float16)]:
+        x = torch.randn(shape, generator=g).to(dtype).requires_grad_()
+        up = (torch.randn(shape, generator=g) * (1e-6 if dtype == torch.float16 else 1.0)).to(dtype)  # fp16: subnormal
+        before = x.detach().clone()
+        case = f"scale_grad(x {tuple(shape)} {str(dtype).replace('torch.', '')}, s={s:g})"
+        out = fn(x, s)
+        expect(isinstance(out, torch.Tensor), f"{case} returns a tensor", 'a tensor', type(out).__name__)
+        expect(torch.equal(x.detach(), before), f"{case} must not change x", 'unchanged', 'changed')
+        expect(out.shape == x.shape and out.dtype == x.dtype, f"{case} keeps the shape and dtype of x",
+               (tuple(x.shape), x.dtype), (tuple(out.shape), out.dtype))
+        hint = which_mistake(out.detach().float(), {"the forward pass returns x itself: the scale belongs to the backward pass only":
+                                                    before.float() * s}, atol=0, rtol=1e-6)
+        expect_close(out.detach().float(), before.float(), f"{case}: the values on the way forward", atol=0, rtol=1e-6, hint=hint)
+        expect(out.requires_grad, f"{case} must carry a gradient back to x (nothing detached)", 'requires_grad=True', 'False')
+        out.backward(up)
+        expect(x.grad is not None, f"{case}: x must receive a gradient", 'a gradient', None)
+        ref = up * s
+        hint = which_mistake(x.grad.float(), {"the backward pass multiplies the incoming gradient by s": up.float(),
+                                              "multiply the gradient by s, do not divide it": (up / s).float(),
+                                              "scale once: the gradient comes back multiplied by s, not s squared": (up * s * s).float()},
+                             atol=0, rtol=2e-3)
+        expect_close(x.grad.float(), ref.float(), f"{case}: the gradient x receives", atol=0,
+                     rtol=2e-3 if dtype == torch.float16 else 1e-6, hint=hint)
+        expect(x.grad.dtype == dtype, f"{case}: the gradient keeps the dtype of x", dtype, x.grad.dtype)
+        n += 1
+    w = torch.randn(4, generator=g).requires_grad_(); x = torch.randn(4, generator=g)
+    ((fn(w * x, 8.0) ** 2).sum() + w.sum()).backward()  # inside a graph: only the path through fn is scaled
+    expect_close(w.grad, 8.0 * 2 * (w * x).detach() * x + 1, "inside a larger graph, d/dw of (scale_grad(w * x, 8) ** 2).sum() + w.sum()",
+                 atol=1e-5, rtol=1e-6, hint="scale only the gradient that flows through scale_grad")
+    passed('scale_grad', n + 1)
+
+
+def _update_scale_ref(scale: float, run: int, finite: bool, every: int) -> tuple[float, int]:
+    if not finite: return scale / 2, 0
+    return (scale * 2, 0) if run + 1 >= every else (scale, run + 1)
+
+
+@exercise_check
+def check_update_scale(fn) -> None:
+    """Check `fn(scale, good, finite, every) -> (scale, good)` over sequences of finite and non-finite steps: the scale
+    halves on a non-finite step and doubles after `every` finite steps in a row; only the scales are compared (the
+    learner's `good`, whatever it counts, is fed back to it; it starts at 0)."""
+    rng = np.random.default_rng(0); n = 0
+    patterns = [[True] * 7, [True, False, True, True, False, True], [False, False, True, True, True, True, True]]
+    patterns += [list(rng.random(25) < 0.8) for _ in range(3)]
+    for every in (1, 2, 3):
+        for pat in patterns:
+            scale, good, ref, run = 2.0 ** 16, 0, 2.0 ** 16, 0
+            for t, finite in enumerate(pat):
+                out = fn(scale, good, bool(finite), every)
+                case = (f"update_scale with every={every}, after the steps {''.join('F' if f else 'x' for f in pat[:t + 1])} "
+                        f"(F finite, x not)")
+                expect(isinstance(out, tuple) and len(out) == 2, f"{case} returns (scale, good)", '(scale, good)', out)
+                ref, run = _update_scale_ref(ref, run, bool(finite), every)
+                try: got = float(out[0])
+                except (TypeError, ValueError): got = None
+                hint = None
+                if got != ref:
+                    if not finite and got == scale: hint = "a step with inf or NaN halves the scale"
+                    elif finite and got == scale * 2 and ref == scale: hint = (f"double only after {every} finite steps in a row, "
+                                                                              "counting again from a non-finite step")
+                    elif finite and got == scale and ref == scale * 2: hint = f"after {every} finite steps in a row the scale doubles"
+                expect(got == ref, f"{case}: the scale", ref, out[0], hint=hint)
+                scale, good = got, out[1]
+            n += 1
+    passed('update_scale', n)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #00_core-002
 from __future__ import annotations
-import hashlib, json, os, random
+import hashlib, json, os, random, time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['SEED_MAX', 'CHECKPOINT_FORMAT', 'MODEL_FORMAT', 'MODELS', 'InputError', 'require', 'abbrev', 'warn', 'check_seed',
-           'seed_everything', 'get_device', 'autocast', 'world_info', 'is_main_process', 'progress', 'to_uint8_hwc',
+           'seed_everything', 'get_device', 'cpu_bf16_supported', 'set_cpu_bf16', 'cpu_bf16', 'autocast',
+           'usable_cores', 'free_cores', 'set_threads', 'world_info', 'is_main_process', 'progress', 'to_uint8_hwc',
            'image_grid', 'pack_state', 'unpack_state', 'save_safetensors', 'save_checkpoint', 'read_checkpoint_meta',
            'load_checkpoint', 'damaged', 'read_json', 'write_bytes_atomic', 'write_text_atomic', 'register_model',
            'model_class', 'save_model', 'load_model', 'model_fingerprint', 'shipped']
@@ -73,11 +74,103 @@ def get_device(name: str | None = None) -> torch.device:
     if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available(): return torch.device('mps')
     return torch.device('cpu')
 
+_CPU_BF16 = False  # autocast on the CPU: off unless set_cpu_bf16(True)
+
+def cpu_bf16_supported() -> bool:
+    "Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX), which makes bf16 matmuls faster than fp32's."
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
+
+def set_cpu_bf16(on: bool = True) -> None:
+    "From now on, `autocast` runs the CPU in bf16 (`on`) or fp32 (the default). Refused on a CPU without bf16 arithmetic."
+    global _CPU_BF16
+    require(not on or cpu_bf16_supported(), "this CPU has no bf16 arithmetic (AVX512-BF16 or AMX), so bf16 would be "
+            "slower than fp32 here; drop --bf16")
+    _CPU_BF16 = bool(on)
+
+def cpu_bf16() -> bool:
+    "Whether `autocast` runs the CPU in bf16 (see `set_cpu_bf16`)."
+    return _CPU_BF16
+
 def autocast(device: torch.device | str, enabled: bool = True):
-    "bf16 autocast context on CUDA (when `enabled`), a no-op context elsewhere."
+    "bf16 autocast on CUDA (when `enabled`), and on the CPU too after `set_cpu_bf16(True)`; a no-op context otherwise."
     device = torch.device(device)
     if enabled and device.type == 'cuda': return torch.autocast('cuda', dtype=torch.bfloat16)
+    if enabled and device.type == 'cpu' and _CPU_BF16: return torch.autocast('cpu', dtype=torch.bfloat16)
     return nullcontext()
+
+# %% ../nbs/00_core.ipynb #00_core-thr1
+_TORCH_THREADS = torch.get_num_threads()  # PyTorch's own choice (physical cores, or OMP_NUM_THREADS), before any change
+_THREADS_SAID: int | None = None
+_THREADS_AT = -1e9  # when free_cores was last measured (time.monotonic())
+_THREADS_WHY: str | None = None  # why that measurement took fewer threads than PyTorch would
+
+def usable_cores(cgroup: str | Path = '/sys/fs/cgroup') -> int:
+    "The cores this process may run on: its CPU affinity, capped by a cgroup CPU quota (a container's `--cpus`; v2 or v1)."
+    try: n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError): n = os.cpu_count() or 1
+    g = Path(cgroup)
+    for quota, period in ((g / 'cpu.max', None), (g / 'cpu/cpu.cfs_quota_us', g / 'cpu/cpu.cfs_period_us')):
+        try:
+            q, p = (quota.read_text().split() + ['100000'])[:2] if period is None else \
+                   (quota.read_text().strip(), period.read_text().strip())
+            if q not in ('max', '-1') and int(p) > 0: n = min(n, max(1, -(-int(q) // int(p))))
+            break
+        except (OSError, ValueError): continue
+    return max(1, n)
+
+def _cpu_ticks(cpus) -> tuple[int, int] | None:
+    "(idle, total) jiffies of the CPUs `cpus` from /proc/stat; None where there is no /proc/stat."
+    try: lines = Path('/proc/stat').read_text().splitlines()
+    except OSError: return None
+    idle = total = 0
+    for line in lines:
+        f = line.split()
+        if f and f[0].startswith('cpu') and f[0][3:].isdigit() and int(f[0][3:]) in cpus:
+            v = [int(x) for x in f[1:9]]  # user nice system idle iowait irq softirq steal
+            idle += v[3] + v[4]; total += sum(v)
+    return (idle, total) if total else None
+
+def free_cores(window: float = 0.1) -> float | None:
+    """How many of this process's cores were free over the next `window` seconds: idle, or busy with this very process
+    (a team's threads still spinning count as ours). None where /proc/stat cannot tell (not Linux)."""
+    try: cpus = os.sched_getaffinity(0)
+    except (AttributeError, OSError): return None
+    a, own = _cpu_ticks(cpus), sum(os.times()[:2])
+    time.sleep(window)
+    b, own2 = _cpu_ticks(cpus), sum(os.times()[:2])
+    if a is None or b is None or b[1] <= a[1]: return None
+    share = ((b[0] - a[0]) / (b[1] - a[1]))               # idle fraction of these cores
+    return min(len(cpus), share * len(cpus) + (own2 - own) / window)
+
+def set_threads(n: int | None = None, window: float = 0.1, say: bool = True, max_age: float = 0.0) -> int:
+    """Set PyTorch's CPU thread count and return it: `n` if given; otherwise `DALLE_COURSE_THREADS` or `OMP_NUM_THREADS`
+    if set (the user's choice stands); otherwise PyTorch's default capped by `usable_cores()` and by the cores free now
+    (a core counts when at least 3/4 of it is free; a measurement younger than `max_age` seconds stands). With `say`,
+    tells once on stderr when it takes fewer threads than PyTorch would."""
+    global _THREADS_SAID, _THREADS_AT, _THREADS_WHY
+    why = None
+    if n is None and os.environ.get('DALLE_COURSE_THREADS'):
+        try: n = int(os.environ['DALLE_COURSE_THREADS'])
+        except ValueError: raise InputError(f"DALLE_COURSE_THREADS={abbrev(os.environ['DALLE_COURSE_THREADS'], 20)} is not "
+                                            "a whole number; set it to a thread count such as 2, or unset it") from None
+    if n is None and os.environ.get('OMP_NUM_THREADS'): return torch.get_num_threads()  # PyTorch already follows it
+    if n is None and time.monotonic() - _THREADS_AT < max_age:
+        n, why = torch.get_num_threads(), _THREADS_WHY  # the last measurement stands
+    elif n is None:
+        usable, free = usable_cores(), free_cores(window)
+        n = min(_TORCH_THREADS, usable, _TORCH_THREADS if free is None else max(1, int(free + 0.25)))
+        if n < _TORCH_THREADS:
+            why = (f"this process may use {usable} cores" if n == usable else
+                   f"{min(usable, _TORCH_THREADS) - n} of {min(usable, _TORCH_THREADS)} cores busy with other work")
+        _THREADS_AT, _THREADS_WHY = time.monotonic(), why
+    require(isinstance(n, int) and n >= 1, f"the thread count must be a whole number >= 1, got {abbrev(n, 20)}")
+    if n != torch.get_num_threads(): torch.set_num_threads(n)
+    if why and say and n != _THREADS_SAID:
+        warn(f"using {n} CPU thread{'s' * (n > 1)}: {why}; set OMP_NUM_THREADS to choose")
+        _THREADS_SAID = n
+    return n
+
+set_threads(say=False)  # on import, silently (a one-line error stays one line); training and sampling say it
 
 # %% ../nbs/00_core.ipynb #00_core-015
 def world_info() -> tuple[int, int, int]:

@@ -15,8 +15,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from .core import (InputError, autocast, get_device, load_checkpoint, progress, read_checkpoint_meta,
-                               save_checkpoint, seed_everything, world_info, require as _check)
+from .core import (InputError, autocast, cpu_bf16, get_device, load_checkpoint, progress, read_checkpoint_meta,
+                               save_checkpoint, seed_everything, set_threads, world_info, require as _check)
 from .runs import FILES, Recipe, RunFolder, RunOptions, RunResult
 from .schedules import Schedule
 
@@ -46,7 +46,7 @@ class TrainConfig:
     ckpt_every: int = 0               # checkpoint every this many steps (0: only at the end)
     ema: float | None = None          # EMA decay of the weights, e.g. 0.999; None = no EMA
     compile: bool = False             # torch.compile the model for training
-    amp: bool = True                  # bf16 autocast (CUDA only; the CPU always runs fp32)
+    amp: bool = True                  # bf16 autocast on CUDA, and on the CPU after core.set_cpu_bf16(True) (--bf16)
     seed: int = 0
     num_workers: int = 0              # DataLoader worker processes
     device: str | None = None         # None: CUDA, then MPS, then CPU
@@ -261,6 +261,7 @@ class Learner:
             dist.init_process_group('nccl' if use_cuda else 'gloo'); self._own_group = True
         if self.ddp and use_cuda: self.device = torch.device('cuda', self.local_rank); torch.cuda.set_device(self.device)
         else: self.device = get_device(cfg.device)
+        if self.device.type == 'cpu': set_threads()  # the cores free now (lesson 00): a busy machine stalls every step
         if self.device.type == 'cuda':  # TF32 for the fp32 matmuls/convolutions that autocast leaves
             torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
         # model, EMA copy, optimizer
@@ -440,6 +441,10 @@ class Learner:
                 times.append(time.perf_counter() - t)
         return min(times)
 
+    def _precision(self) -> str:
+        if not self.cfg.amp or self.device.type not in ('cuda', 'cpu') or (self.device.type == 'cpu' and not cpu_bf16()): return ''
+        return ' in bf16'
+
     def announce(self, label: str, start: int = 0) -> float:
         "Print the run's size and the estimated time of its steps from `start` (main process); return it in s."
         per_step = self.estimate_seconds()
@@ -449,7 +454,7 @@ class Learner:
             epochs = self.cfg.steps * self.cfg.batch_size / max(1, len(self.train_data))
             left = f", {self.cfg.steps - start} left" if start else ''
             print(f"{label}: {n_params:,} parameters, {self.cfg.steps} steps of {self.cfg.batch_size} ({epochs:.1f} "
-                  f"epochs of {len(self.train_data)}){left}; estimated {_duration(total)} on {self.device} "
+                  f"epochs of {len(self.train_data)}){left}; estimated {_duration(total)} on {self.device}{self._precision()} "
                   f"({per_step * 1e3:.0f} ms per step, measured)", flush=True)
         return total
 

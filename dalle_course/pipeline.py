@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .core import (InputError, abbrev, get_device, image_grid, load_model, model_fingerprint, progress,
-                               read_checkpoint_meta, require as _check, shipped)
+                               read_checkpoint_meta, require as _check, set_threads, shipped)
 from .runs import FILES, Recipe, SamplingSettings, tokenizer_file
 
 # %% auto #0
@@ -118,6 +118,7 @@ class Pipeline:
         opts = {**s.options(), **{k: v for k, v in kw.items() if k not in _SETTINGS}}
         self.prior.check_options(opts)  # e.g. --steps for an autoregressive prior: one line, before any work
         text = self.encode(prompts, truncate).repeat_interleave(n, 0)  # (P*n, L)
+        if self.device.type == 'cpu': set_threads(max_age=60)  # the cores free now (lesson 00), measured at most once a minute
         g = torch.Generator(device=self.device).manual_seed(seed)
         t0, toks, ims = time.perf_counter(), [], []
         rows = {k for k, v in opts.items() if isinstance(v, torch.Tensor) and len(v) == len(text)  # one row per image:

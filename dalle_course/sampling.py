@@ -93,7 +93,7 @@ def sample(prior: nn.Module, text: torch.Tensor, temperature: float = 1.0, top_k
         state, logits = prior.prefix(cfg.rows)  # logits (R, K) of token 0
         if m and m < N: logits = prior.extend(state, cfg.both(out[:, :m]))[:, -1]  # (R, K) of token m
         for i in progress(range(m, N), desc='sampling', disable=not show_progress, leave=False):
-            l = cfg.logits(logits)  # (B, K)
+            l = cfg.logits(logits.float())  # (B, K), in fp32 also under bf16 autocast
             probs = filter_logits(l, temperature, top_k, top_p).softmax(-1)
             tok = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
             out[:, i] = tok[:, 0]

@@ -13,14 +13,15 @@ import warnings
 import torch
 from torch import nn
 
-from .core import InputError, autocast, get_device
+from .core import InputError, autocast, cpu_bf16, get_device
 from .prior import JointPrior, SeparatePrior
 from .sampling import sample
 from .transformer import KVCache
 
 # %% auto #0
 __all__ = ['BENCH_CONFIGS', 'synchronize', 'time_steps', 'matmul_peak', 'peak_memory', 'matmul_params', 'train_flops_per_token',
-           'StaticDecoder', 'bench_config', 'bench_train', 'bench_generate', 'bench_tokenizer', 'bench_report']
+           'StaticDecoder', 'memory_bandwidth', 'decode_limit', 'bench_config', 'bench_train', 'bench_generate',
+           'bench_generate_sweep', 'bench_tokenizer', 'bench_report', 'sweep_report']
 
 # %% ../nbs/32_speed.ipynb #32_speed-005
 def synchronize(device: torch.device | str) -> None:
@@ -183,6 +184,47 @@ class StaticDecoder(nn.Module):
             state['n'] += 1
         return torch.stack(out, 1)  # (R, n, K)
 
+# %% ../nbs/32_speed.ipynb #32_speed-lim1
+def memory_bandwidth(device: torch.device | str = 'cpu', mib: int = 256, repeats: int = 5) -> float:
+    "Measured bytes/s of copying a `mib` MiB buffer (its reads and writes both count): the pace of a step that streams memory."
+    device = torch.device(device)
+    n = mib * 2 ** 20 // 4
+    a, b = torch.ones(n, device=device), torch.empty(n, device=device)
+    return 2 * 4 * n / time_steps(lambda: b.copy_(a), warmup=1, repeats=repeats, device=device)['median']
+
+
+def _step_params(dec: StaticDecoder) -> tuple[int, int]:
+    "(weights one token step multiplies by, cross-attending layers): every block's linears but G2's text keys/values, and the image head."
+    n = dec.prior.image_head.weight.numel()
+    for blk in dec.tr.blocks:
+        once = {id(blk.xattn.k), id(blk.xattn.v)} if blk.cross else set()  # computed once from the text, in prefix
+        n += sum(m.weight.numel() for m in blk.modules() if isinstance(m, nn.Linear) and id(m) not in once)
+    return n, sum(bool(b.cross) for b in dec.tr.blocks)
+
+
+def decode_limit(prior: nn.Module, batch_size: int, guidance: float = 1.0, peak_flops: float | None = None,
+                 bandwidth: float | None = None, bytes_per_number: int = 4, device: torch.device | str = 'cpu') -> dict:
+    """The fastest a KV-cache decoder could draw a batch of `batch_size` images from `prior` (G1 or G2) here: each step
+    takes the longer of its FLOPs at `peak_flops` and its bytes at `bandwidth` (both measured when not given).
+    Returns images/s, which bound binds for most steps, FLOPs and bytes per image, and sequential passes per image."""
+    dec = prior if isinstance(prior, StaticDecoder) else StaticDecoder(prior)
+    peak = peak_flops or matmul_peak(device)
+    bw = bandwidth or memory_bandwidth(device)
+    R = batch_size * (1 if guidance == 1 else 2)
+    P, n_cross = _step_params(dec)
+    D, n_l, N, S = dec.H * dec.d, len(dec.tr.blocks), dec.n_img, getattr(dec.prior, 'text_len', 0)
+    t = torch.arange(dec.abs_off + 1, dec.abs_off + N, dtype=torch.float64)  # keys visible at each of the N-1 token steps
+    flops = R * (2 * P + 4 * n_l * t * D + 4 * n_cross * S * D)
+    nbytes = bytes_per_number * (P + R * 2 * n_l * t * D + R * 2 * n_cross * S * D)
+    pre_f, pre_b = 2 * sum(p.numel() for p in dec.prior.parameters()) * R * dec.abs_off, bytes_per_number * P  # the prefix
+    step_s = torch.maximum(flops / peak, nbytes / bw)
+    total = step_s.sum().item() + max(pre_f / peak, pre_b / bw)
+    memory_steps = int((nbytes / bw > flops / peak).sum())
+    return {'images_per_s': batch_size / total, 'binds': 'memory' if 2 * memory_steps > len(t) else 'compute',
+            'memory_bound_steps': memory_steps, 'steps': N, 'rows': R, 'peak_flops': peak, 'bandwidth': bw,
+            'flops_per_image': (flops.sum().item() + pre_f) / batch_size, 'bytes_per_image': (nbytes.sum().item() + pre_b) / batch_size,
+            'passes_per_image': N}
+
 # %% ../nbs/32_speed.ipynb #32_speed-022
 BENCH_CONFIGS = {
     'tiny': dict(dim=32, depth=2, n_heads=2, text_len=8, text_vocab=50, grid=4, image_vocab=16, batch_size=2),
@@ -214,9 +256,9 @@ def _batch(cfg: dict, B: int, device, seed: int = 0) -> dict:
             'image': torch.randint(0, cfg['image_vocab'], (B, cfg['grid'] ** 2), generator=g).to(device)}
 
 
-def _base(cfg: dict, device, peak_flops: float | None) -> dict:
+def _base(cfg: dict, device, peak_flops: float | None, dtype: torch.dtype | None = None) -> dict:
     device = torch.device(device)
-    peak = {'flops': peak_flops, 'source': 'given'} if peak_flops else {'flops': matmul_peak(device), 'source': 'measured'}
+    peak = {'flops': peak_flops, 'source': 'given'} if peak_flops else {'flops': matmul_peak(device, dtype), 'source': 'measured'}
     return {'config': cfg, 'device': str(device), 'torch': torch.__version__, 'threads': torch.get_num_threads(),
             'peak_flops': peak['flops'], 'peak_source': peak['source']}
 
@@ -237,23 +279,30 @@ def bench_train(cfg: dict, mask: str = 'causal', steps: int = 10, warmup: int = 
     def step():
         with autocast(device, amp): loss, _ = JointPrior.loss_fn(net, batch)
         loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
-    out = _base(cfg, device, peak_flops)
+    bf16 = amp and (device.type == 'cuda' or cpu_bf16())  # what autocast runs the matmuls in
+    out = _base(cfg, device, peak_flops, torch.bfloat16 if bf16 else torch.float32)
     if device.type == 'cuda': torch.cuda.reset_peak_memory_stats(device)
     t = time_steps(step, warmup=warmup, repeats=steps, device=device)
     seq = cfg['text_len'] + cfg['grid'] ** 2  # tokens per caption-image pair, as dalle-pytorch counts them
     tokens = cfg['batch_size'] * seq
-    flops = train_flops_per_token(prior, seq, cfg['depth'], cfg['dim']) * tokens / t['median']
-    out.update(what='train', mask=mask, attention=attention, compile=compile, amp=amp and device.type == 'cuda', steps=steps, warmup=warmup,
+    per_token = train_flops_per_token(prior, seq, cfg['depth'], cfg['dim'])
+    flops = per_token * tokens / t['median']
+    out.update(what='train', mask=mask, attention=attention, compile=compile, amp=bf16, steps=steps, warmup=warmup,
                step_s=t, tokens_per_s=tokens / t['median'], flops_per_s=flops, mfu=flops / out['peak_flops'],
+               limit_tokens_per_s=out['peak_flops'] / per_token,
                memory=peak_memory(device))
     return out
 
 
 def bench_generate(cfg: dict, mask: str = 'causal', batch_size: int | None = None, repeats: int = 3, warmup: int = 1,
-                   device=None, compile: bool = False, guidance: float = 1.0, reference: bool = True) -> dict:
+                   device=None, compile: bool = False, guidance: float = 1.0, reference: bool = True,
+                   peak_flops: float | None = None, bandwidth: float | None = None) -> dict:
     """Images/s of G1 sampling at `batch_size` (tokens only): lesson 24's growing cache (if `reference`), the static cache,
-    and (if `compile`) the static cache with a compiled step; the per-token cost by quarter of the fastest one."""
+    and (if `compile`) the static cache with a compiled step, each cold (its first batch, which is never counted warm)
+    and warm (the median after `warmup` batches, the cold one included); the per-token cost by quarter of the last one; and `decode_limit` at the measured (or given) peak and
+    bandwidth, with the fraction of it each sampler reaches."""
     device = get_device(device)
+    if warmup < 0: raise InputError(f"need warmup >= 0, got {warmup}")
     B = batch_size or cfg['batch_size']
     prior = _prior(cfg, mask, device).eval()
     text = _batch(cfg, B, device)['text']
@@ -263,17 +312,32 @@ def bench_generate(cfg: dict, mask: str = 'causal', batch_size: int | None = Non
     runs['static'] = StaticDecoder(prior)
     if compile: runs['static + compile'] = StaticDecoder(prior, compile=True)
     res = {}
+    bf16 = device.type == 'cuda' or cpu_bf16()  # what autocast runs the step in
+    limit = decode_limit(prior, B, guidance, peak_flops or matmul_peak(device, torch.bfloat16 if bf16 else torch.float32),
+                         bandwidth, device=device)
     for name, model in runs.items():
-        t = time_steps(lambda: sample(model, text, guidance=guidance), warmup=warmup, repeats=repeats, device=device)
-        res[name] = {'images_per_s': B / t['median'], 'batch_s': t}
+        t0 = time.perf_counter(); sample(model, text, guidance=guidance); synchronize(device); cold = time.perf_counter() - t0
+        t = time_steps(lambda: sample(model, text, guidance=guidance), warmup=max(0, warmup - 1), repeats=repeats, device=device)
+        res[name] = {'images_per_s': B / t['median'], 'batch_s': t, 'cold_s': cold,
+                     'of_limit': B / t['median'] / limit['images_per_s']}
     dec = runs['static + compile' if compile else 'static']
     dec.step_times = []; sample(dec, text, guidance=guidance); st, dec.step_times = dec.step_times, None
     q = max(1, len(st) // 4)
-    out.update(what='generate', mask=mask, batch_size=B, guidance=guidance, compile=compile, samplers=res,
+    out.update(what='generate', mask=mask, batch_size=B, guidance=guidance, compile=compile, samplers=res, limit=limit, bf16=bf16,
                per_token_of='static + compile' if compile else 'static',
                per_token_s={'first_quarter': statistics.median(st[:q]), 'last_quarter': statistics.median(st[-q:])},
                memory=peak_memory(device))
     return out
+
+
+def bench_generate_sweep(cfg: dict, batch_sizes=(1, 8, 64), guidances=(1.0, 3.0), **kw) -> list[dict]:
+    "`bench_generate` (static cache only) at every batch size, each without and with guidance, peak and bandwidth measured once."
+    device = get_device(kw.pop('device', None))
+    bf16 = device.type == 'cuda' or cpu_bf16()
+    kw.setdefault('peak_flops', matmul_peak(device, torch.bfloat16 if bf16 else torch.float32))
+    kw.setdefault('bandwidth', memory_bandwidth(device))
+    return [bench_generate(cfg, batch_size=B, guidance=g, reference=False, device=device, **kw)
+            for B in batch_sizes for g in guidances]
 
 
 def _under_autocast(device, f):
@@ -329,9 +393,34 @@ def bench_report(r: dict) -> str:
         return '\n'.join([f"{cfg}, batch {c['batch_size']}; {head}; attention {r['attention']}, compile {r['compile']}, bf16 autocast {r['amp']}",
                           f"  train step {_spread(r['step_s'])} over {r['steps']} steps after {r['warmup']} warm-up",
                           f"  {r['tokens_per_s']:,.0f} tokens/s, {r['flops_per_s'] / 1e9:,.1f} GFLOP/s achieved, MFU "
-                          f"{100 * r['mfu']:.1f}% of {r['peak_flops'] / 1e9:,.0f} GFLOP/s ({r['peak_source']} peak)", f"  {mem}"])
-    lines = [f"{cfg}, batch {r['batch_size']}, guidance {r['guidance']}; {head}; compile {r['compile']}"]
-    lines += [f"  {k:<16} {v['images_per_s']:8.2f} images/s   {_spread(v['batch_s'])} per batch" for k, v in r['samplers'].items()]
+                          f"{100 * r['mfu']:.1f}% of {r['peak_flops'] / 1e9:,.0f} GFLOP/s ({r['peak_source']} "
+                          f"{'bf16' if r['amp'] else 'fp32'} matmul peak)",
+                          f"  limit {r['limit_tokens_per_s']:,.0f} tokens/s (training is arithmetic: every token's FLOPs at the "
+                          f"peak); reached {100 * r['mfu']:.0f}%", f"  {mem}"])
+    lim = r['limit']
+    lines = [f"{cfg}, batch {r['batch_size']}, guidance {r['guidance']}; {head}; compile {r['compile']}, bf16 autocast {r['bf16']}"]
+    lines += [f"  {k:<16} {v['images_per_s']:8.2f} images/s warm ({100 * v['of_limit']:.0f}% of the limit), cold {v['cold_s']:.2f} s; "
+              f"{_spread(v['batch_s'])} per batch" for k, v in r['samplers'].items()]
+    lines.append(f"  limit {lim['images_per_s']:.1f} images/s, bound by {lim['binds']} ({lim['memory_bound_steps']} of {lim['steps'] - 1} "
+                 f"token steps by memory): {lim['flops_per_image'] / 1e9:.2f} GFLOP at {lim['peak_flops'] / 1e9:.0f} GFLOP/s (measured "
+                 f"matmul peak), {lim['bytes_per_image'] / 1e6:.1f} MB at {lim['bandwidth'] / 1e9:.1f} GB/s (measured copy) per image; "
+                 f"{lim['passes_per_image']} sequential forward passes per image, {lim['rows']} rows per pass")
     pt = r['per_token_s']
     lines.append(f"  {r['per_token_of']}, per token step: {1e3 * pt['first_quarter']:.3f} ms (first quarter), {1e3 * pt['last_quarter']:.3f} ms (last quarter)")
     return '\n'.join(lines + [f"  {mem}"])
+
+
+def sweep_report(rs: list[dict]) -> str:
+    "The table `bench generate --sweep` prints: one row per batch size and guidance, warm and cold, against the limit."
+    r0, c = rs[0], rs[0]['config']
+    name = r0['per_token_of']
+    head = (f"G1 decoding ({name} cache), config {c['name']} (dim {c['dim']}, depth {c['depth']}, {c['grid']}x{c['grid']} "
+            f"tokens), {r0['device']}, {r0['threads']} threads, bf16 autocast {r0['bf16']}; limit at "
+            f"{r0['limit']['peak_flops'] / 1e9:.0f} GFLOP/s and {r0['limit']['bandwidth'] / 1e9:.1f} GB/s (measured)")
+    rows = ["| batch | guidance | rows | images/s (warm) | first batch (cold) | limit (images/s) | bound by | reached | passes per image |",
+            "|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for r in rs:
+        s, l = r['samplers'][name], r['limit']
+        rows.append(f"| {r['batch_size']} | {r['guidance']:g} | {l['rows']} | {s['images_per_s']:.2f} | {s['cold_s']:.2f} s | "
+                    f"{l['images_per_s']:.1f} | {l['binds']} | {100 * s['of_limit']:.0f}% | {l['passes_per_image']} |")
+    return '\n'.join([head] + rows)

@@ -163,3 +163,118 @@ def test_a_failed_safetensors_write_is_an_oserror_naming_the_file(tmp_path):
     with pytest.raises(SafetensorError): __import__('safetensors.torch', fromlist=['save_file']).save_file({'a': torch.zeros(1)}, str(target))
     with pytest.raises(OSError) as e: core.save_safetensors({'a': torch.zeros(1)}, target)
     assert e.value.filename == str(target) and not target.exists()
+
+
+# ---- bf16 on the CPU, and threads on a shared machine
+
+def test_cpu_bf16_turns_autocast_on_and_off(monkeypatch):
+    monkeypatch.setattr(core, 'cpu_bf16_supported', lambda: True)
+    try:
+        core.set_cpu_bf16(True)
+        assert core.cpu_bf16()
+        with core.autocast('cpu'):
+            assert (torch.randn(2, 3) @ torch.randn(3, 2)).dtype == torch.bfloat16
+        with core.autocast('cpu', enabled=False):  # a Learner with amp=False stays fp32
+            assert (torch.randn(2, 3) @ torch.randn(3, 2)).dtype == torch.float32
+    finally: core.set_cpu_bf16(False)
+    with core.autocast('cpu'):
+        assert (torch.randn(2, 3) @ torch.randn(3, 2)).dtype == torch.float32
+
+
+def test_cpu_bf16_refused_without_bf16_arithmetic(monkeypatch):
+    monkeypatch.setattr(core, 'cpu_bf16_supported', lambda: False)
+    with pytest.raises(InputError, match='no bf16 arithmetic.*drop --bf16'): core.set_cpu_bf16(True)
+    assert not core.cpu_bf16()
+    core.set_cpu_bf16(False)  # turning it off is always fine
+
+
+def test_cli_bf16_is_refused_in_one_line_and_left_as_found(monkeypatch, tmp_path, capsys):
+    from dalle_course.cli import main
+    monkeypatch.setattr(core, 'cpu_bf16_supported', lambda: False)
+    out = tmp_path / 'g.png'
+    assert main(['sample', '--prior', 'demo_64', '--prompt', '7 30 r up 2 20 w down 9 40 g middle', '--n', '1',
+                 '--out', str(out), '--device', 'cpu', '--bf16']) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and 'drop --bf16' in err and not out.exists()
+    monkeypatch.setattr(core, 'cpu_bf16_supported', lambda: True)
+    seen = []
+    import dalle_course.pipeline as pl
+    real = pl.Pipeline.__call__
+    monkeypatch.setattr(pl.Pipeline, '__call__', lambda self, *a, **k: (seen.append(core.cpu_bf16()), real(self, *a, **k))[1])
+    assert main(['sample', '--prior', 'demo_64', '--prompt', '7 30 r up 2 20 w down 9 40 g middle', '--n', '1',
+                 '--out', str(out), '--device', 'cpu', '--bf16']) == 0
+    assert seen == [True] and not core.cpu_bf16()  # on while the command ran, off again after it
+
+
+def test_usable_cores_reads_cgroup_quotas(tmp_path):
+    n = len(os.sched_getaffinity(0))
+    assert core.usable_cores(tmp_path) == n                       # no cgroup files: the affinity
+    (tmp_path / 'cpu.max').write_text('max 100000\n')
+    assert core.usable_cores(tmp_path) == n                       # v2, no quota
+    (tmp_path / 'cpu.max').write_text('50000 100000\n')
+    assert core.usable_cores(tmp_path) == 1                       # half a core: still one thread
+    (tmp_path / 'cpu.max').unlink(); (tmp_path / 'cpu').mkdir()
+    (tmp_path / 'cpu/cpu.cfs_quota_us').write_text('100000\n'); (tmp_path / 'cpu/cpu.cfs_period_us').write_text('100000\n')
+    assert core.usable_cores(tmp_path) == 1                       # v1: one core's worth
+    (tmp_path / 'cpu/cpu.cfs_quota_us').write_text('-1\n')
+    assert core.usable_cores(tmp_path) == n
+
+
+def test_free_cores_counts_this_process_as_free():
+    free = core.free_cores(0.2)
+    if free is None: pytest.skip('no /proc/stat here')
+    n = len(os.sched_getaffinity(0))
+    assert 0 <= free <= n
+    import threading
+    stop = None
+    def spin():
+        while not stop: pass
+    stop = False; t = threading.Thread(target=spin); t.start()
+    try: busy_self = core.free_cores(0.3)   # our own busy thread is ours, not someone else's
+    finally: stop = True; t.join()
+    assert busy_self >= min(free, 1.0) - 0.35, (free, busy_self)
+
+
+def test_set_threads_follows_free_cores_and_says_so_once(monkeypatch, capsys):
+    before = torch.get_num_threads()
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False); monkeypatch.delenv('DALLE_COURSE_THREADS', raising=False)
+    monkeypatch.setattr(core, '_TORCH_THREADS', 4); monkeypatch.setattr(core, '_THREADS_SAID', None)
+    monkeypatch.setattr(core, 'usable_cores', lambda: 4)
+    try:
+        monkeypatch.setattr(core, 'free_cores', lambda window=0.1: 1.1)   # three of four cores busy elsewhere
+        assert core.set_threads() == 1 == torch.get_num_threads()
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and 'using 1 CPU thread: 3 of 4 cores busy' in err and 'OMP_NUM_THREADS' in err
+        assert core.set_threads() == 1 and capsys.readouterr().err == ''  # said once
+        monkeypatch.setattr(core, 'free_cores', lambda window=0.1: 2.8)   # a core counts when 3/4 of it is free
+        assert core.set_threads() == 3 and 'using 3 CPU threads: 1 of 4' in capsys.readouterr().err  # a new count: said
+        monkeypatch.setattr(core, 'free_cores', lambda window=0.1: 3.7)
+        assert core.set_threads(max_age=60) == 3                        # measured a moment ago: kept
+        assert core.set_threads() == 3                                  # 0.7 of the fourth core free: not enough
+        monkeypatch.setattr(core, 'free_cores', lambda window=0.1: 3.8)
+        assert core.set_threads() == 4 and capsys.readouterr().err == ''  # all free again: PyTorch's default, nothing to say
+        monkeypatch.setattr(core, 'free_cores', lambda window=0.1: None)  # cannot tell (not Linux): PyTorch's default
+        assert core.set_threads() == 4
+        monkeypatch.setattr(core, 'usable_cores', lambda: 2)              # a container of 2 CPUs
+        assert core.set_threads(say=False) == 2 and capsys.readouterr().err == ''
+        monkeypatch.setenv('OMP_NUM_THREADS', '3'); torch.set_num_threads(3)
+        monkeypatch.setattr(core, 'free_cores', lambda window=0.1: 1.0)
+        assert core.set_threads() == 3                                  # the user's count stands
+        monkeypatch.setenv('DALLE_COURSE_THREADS', '2')
+        assert core.set_threads() == 2
+        monkeypatch.setenv('DALLE_COURSE_THREADS', 'two')
+        with pytest.raises(InputError, match='DALLE_COURSE_THREADS'): core.set_threads()
+    finally: torch.set_num_threads(before)
+
+
+def test_threads_measured_silently_on_import_are_said_by_the_next_caller(monkeypatch, capsys):
+    before = torch.get_num_threads()
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False); monkeypatch.delenv('DALLE_COURSE_THREADS', raising=False)
+    monkeypatch.setattr(core, '_TORCH_THREADS', 2); monkeypatch.setattr(core, '_THREADS_SAID', None)
+    monkeypatch.setattr(core, 'usable_cores', lambda: 2); monkeypatch.setattr(core, 'free_cores', lambda window=0.1: 1.0)
+    try:
+        assert core.set_threads(say=False) == 1 and capsys.readouterr().err == ''   # as on import
+        monkeypatch.setattr(core, 'free_cores', lambda window=0.1: 2.0)            # would say 2 if it measured again
+        assert core.set_threads(max_age=60) == 1                                   # as a pipeline draws, moments later
+        assert 'using 1 CPU thread: 1 of 2 cores busy' in capsys.readouterr().err
+    finally: torch.set_num_threads(before)

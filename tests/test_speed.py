@@ -11,8 +11,9 @@ from dalle_course.cli import main
 from dalle_course.core import InputError
 from dalle_course.prior import JointPrior, SeparatePrior
 from dalle_course.sampling import cached_logits, sample
-from dalle_course.speed import (StaticDecoder, bench_config, bench_generate, bench_report, bench_tokenizer, bench_train,
-                                matmul_params, time_steps, train_flops_per_token)
+from dalle_course.speed import (StaticDecoder, bench_config, bench_generate, bench_generate_sweep, bench_report,
+                                bench_tokenizer, bench_train, decode_limit, matmul_params, sweep_report, time_steps,
+                                train_flops_per_token)
 
 
 def _priors():
@@ -199,3 +200,67 @@ def test_side_by_side_script_uses_the_library_configs():
     assert all(mod._dalle_kinds(d) == dalle_layer_kinds(d) for d in range(1, 13))
     r = mod.measure('dalle_course', 'generate', mod.CONFIGS['tiny'], 'causal', 2, 1, 0, 1, 'cpu', 1)
     assert r['images_per_s'] > 0 and len(r['times']) == 1
+
+
+# ---- the limit every decoding number is set against
+
+def test_decode_limit_counts_a_g1_by_hand():
+    tiny = JointPrior(10, 6, 3, 2, 2, dim=8, depth=1, n_heads=2).eval()
+    P = sum(m.weight.numel() for m in tiny.transformer.blocks.modules() if isinstance(m, torch.nn.Linear)) + 6 * 8
+    steps = sum(2 * P + 4 * t * 8 for t in (4, 5, 6))       # 3 token steps after 3 text tokens: 4, 5, 6 keys seen
+    prefix = 2 * sum(p.numel() for p in tiny.parameters()) * 3
+    lim = decode_limit(tiny, 1, peak_flops=1e9, bandwidth=1e30)
+    assert lim['binds'] == 'compute' and lim['flops_per_image'] == pytest.approx(steps + prefix)
+    assert 1 / lim['images_per_s'] == pytest.approx((steps + prefix) / 1e9)
+    mem = decode_limit(tiny, 2, guidance=3.0, peak_flops=1e30, bandwidth=1e6)  # guidance: 4 rows for 2 images
+    nbytes = sum(4 * (P + 4 * 2 * t * 8) for t in (4, 5, 6)) + 4 * P
+    assert mem['binds'] == 'memory' and mem['rows'] == 4 and mem['passes_per_image'] == 4
+    assert mem['bytes_per_image'] == pytest.approx(nbytes / 2) and 2 / mem['images_per_s'] == pytest.approx(nbytes / 1e6)
+
+
+def test_decode_limit_of_a_g2_counts_cross_attention_once():
+    g2 = SeparatePrior(10, 6, 3, 2, 2, dim=8, depth=1, n_heads=2).eval()
+    blk = g2.decoder.blocks[0]
+    P = (sum(m.weight.numel() for m in blk.modules() if isinstance(m, torch.nn.Linear))
+         - blk.xattn.k.weight.numel() - blk.xattn.v.weight.numel() + 6 * 8)  # the text's keys and values: once, in prefix
+    lim = decode_limit(g2, 1, peak_flops=1e9, bandwidth=1e30)
+    steps = sum(2 * P + 4 * t * 8 + 4 * 3 * 8 for t in (2, 3, 4))   # BOS then tokens: 2, 3, 4 keys; 3 text positions
+    prefix = 2 * sum(p.numel() for p in g2.parameters()) * 1
+    assert lim['flops_per_image'] == pytest.approx(steps + prefix)
+
+
+def test_decode_limit_weights_are_shared_by_the_batch_and_the_cache_is_not():
+    cfg = bench_config('cpu')
+    prior = JointPrior(cfg['text_vocab'], cfg['image_vocab'], cfg['text_len'], 16, 16, dim=cfg['dim'], depth=cfg['depth'],
+                       n_heads=cfg['n_heads']).eval()
+    one, many = (decode_limit(prior, B, peak_flops=300e9, bandwidth=30e9) for B in (1, 64))
+    assert one['binds'] == 'memory' and one['flops_per_image'] == pytest.approx(many['flops_per_image'])
+    cache = 4 * 2 * cfg['depth'] * cfg['dim'] * sum(range(cfg['text_len'] + 1, cfg['text_len'] + 256))  # per image, any batch
+    assert many['bytes_per_image'] - cache == pytest.approx((one['bytes_per_image'] - cache) / 64)
+    assert many['images_per_s'] > 5 * one['images_per_s']
+    assert decode_limit(prior, 64, peak_flops=300e9, bandwidth=1e13)['binds'] == 'compute'  # memory fast enough
+
+
+def test_bench_generate_reports_cold_warm_and_the_limit(capsys, tmp_path):
+    cfg = bench_config('tiny')
+    g = bench_generate(cfg, repeats=1, warmup=0, peak_flops=1e11, bandwidth=1e10)
+    for v in g['samplers'].values():
+        assert v['cold_s'] > 0 and v['of_limit'] == pytest.approx(v['images_per_s'] / g['limit']['images_per_s'])
+    assert g['limit']['peak_flops'] == 1e11 and g['limit']['passes_per_image'] == 16
+    assert 'limit' in bench_report(g) and 'sequential forward passes per image' in bench_report(g)
+    rs = bench_generate_sweep(cfg, batch_sizes=(1, 2), repeats=1, peak_flops=1e11, bandwidth=1e10)
+    assert [(r['batch_size'], r['guidance'], r['limit']['rows']) for r in rs] == [(1, 1.0, 1), (1, 3.0, 2), (2, 1.0, 2), (2, 3.0, 4)]
+    table = sweep_report(rs)
+    assert table.count('\n| ') == 5 and '| 2 | 3 | 4 |' in table  # the header and 4 rows
+    js = tmp_path / 'sweep.json'
+    assert main(['bench', 'generate', '--config', 'tiny', '--sweep', '--repeats', '1', '--json', str(js)]) == 0
+    out = capsys.readouterr().out
+    assert '| 64 | 3 | 128 |' in out and '| 1 | 1 | 1 |' in out and 'bound by' in out
+    res = json.loads(js.read_text())
+    assert res['written_by'] == 'dalle-course bench' and [r['batch_size'] for r in res['sweep']] == [1, 1, 8, 8, 64, 64]
+
+
+def test_bench_train_states_its_limit():
+    r = bench_train(bench_config('tiny'), steps=1, warmup=0, peak_flops=1e11)
+    assert r['limit_tokens_per_s'] * r['mfu'] == pytest.approx(r['tokens_per_s'])
+    assert 'limit' in bench_report(r)
