@@ -19,8 +19,8 @@ __all__ = ['check_colorize', 'check_slot_box', 'check_warmup_cosine_lr', 'check_
            'check_decode_step', 'check_mha', 'check_joint_shift', 'check_prior_loss', 'check_null_text', 'g1_parts',
            'check_g1_forward', 'check_top_k', 'check_top_p', 'check_guide', 'check_sample_loop',
            'check_ctrs_perturbation', 'check_contrastive_loss', 'check_renoise', 'check_paella_weight',
-           'check_mask_schedule', 'check_static_attend', 'check_square_pad', 'check_perturb_caption',
-           'check_memory_per_gpu', 'check_scale_grad', 'check_update_scale']
+           'check_mask_schedule', 'check_static_attend', 'check_accept_drafts', 'check_square_pad',
+           'check_perturb_caption', 'check_memory_per_gpu', 'check_scale_grad', 'check_update_scale']
 
 # %% ../nbs/91_checks.ipynb #91_checks-004
 @exercise_check
@@ -1265,6 +1265,38 @@ def check_static_attend(fn) -> None:
         n += 1
     passed('static_attend', n)
 
+# %% ../nbs/91_checks.ipynb #91_checks-p32d
+@exercise_check
+def check_accept_drafts(fn) -> None:
+    """Check `fn(p (B, w, K), q (B, w, K), drafts (B, w), u (B, w)) -> (B,)`: how many drafts pass in a row from the left,
+    draft i passing when u_i q_i(y_i) < p_i(y_i) (lesson 32). No u is drawn within 1e-3 of a boundary."""
+    g = torch.Generator().manual_seed(0); n = 0
+    for B, w, K in [(6, 8, 16), (1, 4, 5), (5, 3, 2), (7, 6, 64)]:  # the first tells the mistakes apart
+        p = torch.rand(B, w, K, generator=g).pow(3); p = p / p.sum(-1, keepdim=True)
+        q = torch.rand(B, w, K, generator=g).pow(3); q = q / q.sum(-1, keepdim=True)
+        drafts = torch.randint(0, K, (B, w), generator=g)
+        py, qy = p.gather(-1, drafts[..., None])[..., 0], q.gather(-1, drafts[..., None])[..., 0]
+        ratio = (py / qy).clamp(max=1.0)
+        u = torch.rand(B, w, generator=g)
+        u = torch.where((u - ratio).abs() < 1e-3, (ratio + 0.01).clamp(max=0.999), u)  # nothing at the boundary
+        u[0, 0] = min(0.999, float(ratio[0, 0]) + 0.01)                               # row 0 fails at once
+        if B > 1: u[1] = (ratio[1] - 0.01).clamp(min=0.0) * (ratio[1] > 0.02)          # row 1 passes where it can
+        before = [t.clone() for t in (p, q, drafts, u)]
+        out = fn(p, q, drafts, u)
+        case = f"accept with B={B}, w={w}, K={K}"
+        expect(all(torch.equal(a, b) for a, b in zip(before, (p, q, drafts, u))), f"{case} must not change its inputs", 'unchanged', 'changed')
+        expect(isinstance(out, torch.Tensor) and tuple(out.shape) == (B,), f"{case} returns a (B,) tensor", (B,),
+               tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__)
+        ok = u * qy < py
+        ref = ok.long().cumprod(-1).sum(-1)
+        hint = which_mistake(out.float(), {  # the first that matches is said: the rarer coincidences first
+            "the ratio is p(y) / q(y), not q(y) / p(y)": (u * py < qy).long().cumprod(-1).sum(-1).float(),
+            "a draft passes when u < p(y) / q(y): divide by the probability q gave it": (u < py).long().cumprod(-1).sum(-1).float(),
+            "count the drafts that pass in a row from the left: stop at the first that fails": ok.sum(-1).float()}, atol=0, rtol=0)
+        expect(torch.equal(out.long(), ref), f"{case}: drafts passed per row", ref.tolist(), out.tolist(), hint=hint)
+        n += 1
+    passed('accept_drafts', n)
+
 # %% ../nbs/91_checks.ipynb #91_checks-p33b
 @exercise_check
 def check_square_pad(fn) -> None:
@@ -1394,9 +1426,9 @@ def check_scale_grad(fn) -> None:
                                                     before.float() * s}, atol=0, rtol=1e-6)
         expect_close(out.detach().float(), before.float(), f"{case}: the values on the way forward", atol=0, rtol=1e-6, hint=hint)
         expect(out.requires_grad, f"{case} must carry a gradient back to x (nothing detached)", 'requires_grad=True', 'False')
-        out.backward(up)
-        expect(x.grad is not None, f"{case}: x must receive a gradient", 'a gradient', None)
         ref = up * s
+        out.backward(up.clone())  # (a copy: an answer that scales the incoming gradient in place changes only its own)
+        expect(x.grad is not None, f"{case}: x must receive a gradient", 'a gradient', None)
         hint = which_mistake(x.grad.float(), {"the backward pass multiplies the incoming gradient by s": up.float(),
                                               "multiply the gradient by s, do not divide it": (up / s).float(),
                                               "scale once: the gradient comes back multiplied by s, not s squared": (up * s * s).float()},
@@ -1409,7 +1441,16 @@ def check_scale_grad(fn) -> None:
     ((fn(w * x, 8.0) ** 2).sum() + w.sum()).backward()  # inside a graph: only the path through fn is scaled
     expect_close(w.grad, 8.0 * 2 * (w * x).detach() * x + 1, "inside a larger graph, d/dw of (scale_grad(w * x, 8) ** 2).sum() + w.sum()",
                  atol=1e-5, rtol=1e-6, hint="scale only the gradient that flows through scale_grad")
-    passed('scale_grad', n + 1)
+    x = torch.randn(4, generator=g).requires_grad_()
+    (fn(x, 8.0).sum() + x.sum()).backward()  # x also used directly, as ResBlock uses the residual stream
+    expect_close(x.grad, torch.full((4,), 9.0), "d/dx of scale_grad(x, 8).sum() + x.sum()", atol=1e-6, rtol=1e-6,
+                 hint="scale only the gradient that flows back through scale_grad's output, not every gradient x receives "
+                      "(a hook on x itself scales them all)")
+    x = torch.randn(4, generator=g).requires_grad_()
+    (fn(x, 0.5).sum() + fn(x * 1, 4.0).sum()).backward()  # two scales in one graph, as ResBlock's 1/s and s
+    expect_close(x.grad, torch.full((4,), 4.5), "d/dx of scale_grad(x, 0.5).sum() + scale_grad(x * 1, 4).sum()", atol=1e-6,
+                 rtol=1e-6, hint="each call keeps its own s until the backward pass (not one s shared by every call)")
+    passed('scale_grad', n + 3)
 
 
 def _update_scale_ref(scale: float, run: int, finite: bool, every: int) -> tuple[float, int]:
@@ -1425,9 +1466,9 @@ def check_update_scale(fn) -> None:
     rng = np.random.default_rng(0); n = 0
     patterns = [[True] * 7, [True, False, True, True, False, True], [False, False, True, True, True, True, True]]
     patterns += [list(rng.random(25) < 0.8) for _ in range(3)]
-    for every in (1, 2, 3):
+    for every, start in ((1, 2.0 ** 16), (2, 2.0 ** 16), (3, 2.0 ** 16), (2, 3.0), (1, 1.0)):  # any scale, below 1 too
         for pat in patterns:
-            scale, good, ref, run = 2.0 ** 16, 0, 2.0 ** 16, 0
+            scale, good, ref, run = start, 0, start, 0
             for t, finite in enumerate(pat):
                 out = fn(scale, good, bool(finite), every)
                 case = (f"update_scale with every={every}, after the steps {''.join('F' if f else 'x' for f in pat[:t + 1])} "
@@ -1439,9 +1480,11 @@ def check_update_scale(fn) -> None:
                 hint = None
                 if got != ref:
                     if not finite and got == scale: hint = "a step with inf or NaN halves the scale"
-                    elif finite and got == scale * 2 and ref == scale: hint = (f"double only after {every} finite steps in a row, "
-                                                                              "counting again from a non-finite step")
-                    elif finite and got == scale and ref == scale * 2: hint = f"after {every} finite steps in a row the scale doubles"
+                    elif finite and got == scale * 2 and ref == scale: hint = (f"double only after {every} finite "
+                                                                              f"step{'s' * (every > 1)} in a row, counting again "
+                                                                              "from a non-finite step")
+                    elif finite and got == scale and ref == scale * 2: hint = f"after {every} finite step{'s' * (every > 1)} in a row the scale doubles"
+                    elif not finite and got is not None and got != scale: hint = "halve the scale exactly: scale / 2, whatever it is (no rounding, no floor)"
                 expect(got == ref, f"{case}: the scale", ref, out[0], hint=hint)
                 scale, good = got, out[1]
             n += 1

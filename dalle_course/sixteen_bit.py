@@ -4,7 +4,7 @@
 
 # %% ../nbs/35_sixteen_bit.ipynb #35_sixteen_bit-002
 from __future__ import annotations
-import json, math, os, socket, tempfile
+import json, math, tempfile
 from pathlib import Path
 
 import torch
@@ -114,11 +114,6 @@ def fit_block_scales(model: ResStack, x, y, ref, init: float = 2.0 ** 16, steps:
     return {'scales': scales, 'grads': last, 'history': hist}
 
 # %% ../nbs/35_sixteen_bit.ipynb #35_sixteen_bit-025
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
-
-
 def _teacher_data(n: int, dim: int, seed: int):
     "Inputs and the outputs of a fixed random two-layer teacher: a regression any MLP can learn."
     g = torch.Generator().manual_seed(seed)
@@ -127,13 +122,12 @@ def _teacher_data(n: int, dim: int, seed: int):
     return x, torch.tanh(x @ w1) @ w2
 
 
-def _ddp_worker(rank: int, world: int, port: int, rank_r: int | None, steps: int, out: str):
+def _ddp_worker(rank: int, world: int, store: str, rank_r: int | None, steps: int, out: str):
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
     from torch.nn.parallel import DistributedDataParallel as DDP
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    dist.init_process_group('gloo', rank=rank, world_size=world)
+    dist.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=world)  # a file, not a port
     try:
         dim = 64
         torch.manual_seed(0)  # the same initial weights on every rank
@@ -170,5 +164,5 @@ def ddp_run(rank_r: int | None = None, steps: int = 150, world: int = 2) -> dict
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / 'out.json'
-        mp.spawn(_ddp_worker, args=(world, _free_port(), rank_r, steps, str(out)), nprocs=world, join=True)
+        mp.spawn(_ddp_worker, args=(world, str(Path(d) / 'store'), rank_r, steps, str(out)), nprocs=world, join=True)
         return json.loads(out.read_text())

@@ -53,3 +53,36 @@ PLANTED = {
                                           (update_never_halves, 'halves the scale'), update_swapped]),
 }
 RIGHT_TOO = {'check_scale_grad': [scale_detach_trick, scale_hook], 'check_update_scale': [update_modulo]}
+
+
+def scale_hook_on_x(x, s):                                                        # scales every gradient x receives
+    if x.requires_grad: x.register_hook(lambda g: g * s)
+    return x
+
+
+class _Shared(torch.autograd.Function):
+    s = 1.0
+    @staticmethod
+    def forward(ctx, x): return x.view_as(x)
+    @staticmethod
+    def backward(ctx, g): return g * _Shared.s
+
+
+def scale_shared(x, s):                                                            # one s for every call: the last one's
+    _Shared.s = s; return _Shared.apply(x)
+
+
+def update_floor(scale, good, finite, every):                                      # floor division
+    if not finite: return scale // 2, 0
+    good += 1
+    return (scale * 2, 0) if good == every else (scale, good)
+
+
+def update_clamped(scale, good, finite, every):                                    # never below 1
+    if not finite: return max(scale / 2, 1.0), 0
+    good += 1
+    return (scale * 2, 0) if good == every else (scale, good)
+
+
+PLANTED['check_scale_grad'][1].extend([(scale_hook_on_x, 'hook on x itself'), (scale_shared, 'its own s')])
+PLANTED['check_update_scale'][1].extend([(update_floor, 'no floor'), update_clamped])

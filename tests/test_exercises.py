@@ -140,7 +140,8 @@ ANSWERS = {'check_colorize': 'colorize', 'check_slot_box': 'slot_box', 'check_wa
            'check_contrastive_loss': 'contrastive_loss', 'check_renoise': 'renoise', 'check_paella_weight': 'paella_loss_weight',
            'check_mask_schedule': 'mask_schedule', 'check_static_attend': 'StaticDecoder', 'check_square_pad': 'square_pad',
            'check_perturb_caption': 'perturb_caption', 'check_memory_per_gpu': 'memory_per_gpu',
-           'check_scale_grad': 'scale_grad', 'check_update_scale': 'update_scale'}
+           'check_scale_grad': 'scale_grad', 'check_update_scale': 'update_scale',
+           'check_accept_drafts': 'accept_drafts'}
 
 
 def test_every_exercise_precedes_its_answer():

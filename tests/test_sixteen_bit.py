@@ -1,17 +1,12 @@
 """Lesson 35 as a user calls it: fp16 underflow in a deep stack, one loss scale against a scale per resblock, and
 PowerSGD through DDP's communication hook on two Gloo processes."""
-import importlib.util, math
-from pathlib import Path
+import math
 
 import pytest
 import torch
 
-from dalle_course import checks
 from dalle_course.sixteen_bit import (ResStack, block_grads, ddp_run, fit_block_scales, grad_report, scale_grad,
                                       update_scale)
-
-HERE = Path(__file__).resolve().parent
-
 
 @pytest.fixture(scope='module')
 def stack():
@@ -75,15 +70,6 @@ def test_scale_grad_and_update_scale():
     s, g = 8.0, 0
     for f, want in [(True, 8.0), (True, 16.0), (False, 8.0), (True, 8.0), (True, 16.0)]:
         s, g = update_scale(s, g, f, every=2); assert s == want
-
-
-def test_checks_take_right_answers_in_other_styles(capsys):
-    spec = importlib.util.spec_from_file_location('planted_sixteen_bit', HERE / 'planted_sixteen_bit.py')
-    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
-    for name, fns in mod.RIGHT_TOO.items():
-        for fn in fns:
-            getattr(checks, name)(fn)
-            assert '✓' in capsys.readouterr().out, (name, fn.__name__)
 
 
 def test_powersgd_compresses_and_still_learns():

@@ -12,8 +12,8 @@ from dalle_course.core import InputError
 from dalle_course.prior import JointPrior, SeparatePrior
 from dalle_course.sampling import cached_logits, sample
 from dalle_course.speed import (StaticDecoder, bench_config, bench_generate, bench_generate_sweep, bench_report,
-                                bench_tokenizer, bench_train, decode_limit, matmul_params, sweep_report, time_steps,
-                                train_flops_per_token)
+                                bench_tokenizer, bench_train, decode_limit, jacobi_sample, matmul_params, sweep_report,
+                                time_steps, train_flops_per_token)
 
 
 def _priors():
@@ -264,3 +264,61 @@ def test_bench_train_states_its_limit():
     r = bench_train(bench_config('tiny'), steps=1, warmup=0, peak_flops=1e11)
     assert r['limit_tokens_per_s'] * r['mfu'] == pytest.approx(r['tokens_per_s'])
     assert 'limit' in bench_report(r)
+
+
+# ---- speculative Jacobi decoding draws what plain sampling draws, in fewer passes
+
+def _exact_images(prior, text, temperature=1.0, top_k=None, guidance=1.0):
+    "Every image of a tiny prior with its probability: the product of the filtered conditionals, teacher-forced."
+    import itertools
+    from dalle_course.sampling import Guidance, filter_logits
+    cfg, out = Guidance(prior, text, guidance), {}
+    imgs = torch.tensor(list(itertools.product(range(prior.image_vocab), repeat=prior.n_img)))
+    with torch.no_grad():
+        logits = prior(cfg.rows.repeat(len(imgs), 1) if not cfg.on else torch.cat([text.repeat(len(imgs), 1), prior.null_text(len(imgs))]),
+                       cfg.both(imgs))['image_logits']
+        P = filter_logits(cfg.logits(logits), temperature, top_k).softmax(-1)  # (n, N, K)
+        p = P.gather(-1, imgs[..., None])[..., 0].prod(-1)
+    return {tuple(i): float(v) for i, v in zip(imgs.tolist(), p)}
+
+
+def _tv(tokens, exact):
+    counts = {}
+    for r in tokens.reshape(len(tokens), -1).tolist(): counts[tuple(r)] = counts.get(tuple(r), 0) + 1
+    return 0.5 * sum(abs(counts.get(k, 0) / len(tokens) - v) for k, v in exact.items())
+
+
+@pytest.mark.parametrize('kw', [dict(), dict(temperature=1.5, top_k=2, guidance=1.5)], ids=['plain', 'filtered-guided'])
+def test_jacobi_draws_what_sample_draws(kw):
+    torch.manual_seed(0)
+    prior = JointPrior(10, 3, 3, 2, 2, dim=16, depth=2, n_heads=2).eval()
+    with torch.no_grad():
+        for p in prior.parameters(): p.mul_(1.5)  # conditionals far from uniform
+    text = torch.randint(1, 10, (1, 3))
+    exact = _exact_images(prior, text, **kw)
+    assert max(exact.values()) < 0.5  # not one image: the test can tell distributions apart
+    n, g = 6000, torch.Generator().manual_seed(1)
+    plain = _tv(sample(prior, text.repeat(n, 1), generator=g, **kw), exact)
+    for window in (2, 4):
+        z, st = jacobi_sample(prior, text.repeat(n, 1), window=window, generator=g, **kw)
+        assert _tv(z, exact) < max(0.04, 2 * plain), (window, _tv(z, exact), plain)
+    one = torch.stack([jacobi_sample(prior, text, window=3, generator=g, **kw)[0] for _ in range(1500)])[:, 0]  # batch 1
+    assert _tv(one, exact) < 0.08
+
+
+def test_jacobi_saves_passes_at_batch_one_and_keeps_the_cache_straight():
+    from dalle_course.pipeline import Pipeline
+    pipe = Pipeline.from_run('demo_64', 'cpu')
+    text = pipe.encode(['7 30 r up 2 20 w down 9 40 g middle'])
+    s = pipe.sampling
+    z, st = jacobi_sample(pipe.prior, text, window=16, temperature=s.temperature, top_k=s.top_k, guidance=s.guidance,
+                          generator=torch.Generator().manual_seed(0))
+    assert st['passes'] < pipe.prior.n_img / 2 and 0 < st['acceptance'] <= 1
+    # every committed token is one the prior could draw given the ones before (teacher-forced, filtered): no stale cache
+    from dalle_course.sampling import Guidance, filter_logits
+    cfg = Guidance(pipe.prior, text, s.guidance)
+    with torch.no_grad():
+        logits = pipe.prior(cfg.rows, cfg.both(z.view(1, -1)))['image_logits']
+    P = filter_logits(cfg.logits(logits), s.temperature, s.top_k).softmax(-1)[0]  # (N, K)
+    assert (P.gather(-1, z.view(-1, 1)) > 0).all()
+    with pytest.raises(InputError, match='window'): jacobi_sample(pipe.prior, text, window=0)
