@@ -419,8 +419,8 @@ def _device_seed_args(p: argparse.ArgumentParser):
     "--device, --bf16 and --seed, which every command that computes takes."
     p.add_argument('--device', default=None, help='cuda, mps or cpu (default: the best available)')
     p.add_argument('--bf16', action='store_true', default=None,
-                   help='bf16 autocast on the CPU too, for training and sampling (CPUs with AVX512-BF16 or AMX; '
-                        'about 1.5x faster there; CUDA always uses it)')
+                   help='bf16 autocast on the CPU too, for training and sampling (CPUs with AVX512-BF16 or AMX; faster '
+                        'where the matrices are large, slower for small models; CUDA always uses it)')
     p.add_argument('--seed', type=_seed, default=0, help='random seed')
 
 def _training_args(p: argparse.ArgumentParser, out_help: str, presets: dict, resume: bool = True, required: bool = True):

@@ -103,6 +103,7 @@ _TORCH_THREADS = torch.get_num_threads()  # PyTorch's own choice (physical cores
 _THREADS_SAID: int | None = None
 _THREADS_AT = -1e9  # when free_cores was last measured (time.monotonic())
 _THREADS_WHY: str | None = None  # why that measurement took fewer threads than PyTorch would
+_THREADS_SET: int | None = None  # the count set_threads last set (any other count was set by the user)
 
 def usable_cores(cgroup: str | Path = '/sys/fs/cgroup') -> int:
     "The cores this process may run on: its CPU affinity, capped by a cgroup CPU quota (a container's `--cpus`; v2 or v1)."
@@ -147,13 +148,15 @@ def set_threads(n: int | None = None, window: float = 0.1, say: bool = True, max
     if set (the user's choice stands); otherwise PyTorch's default capped by `usable_cores()` and by the cores free now
     (a core counts when at least 3/4 of it is free; a measurement younger than `max_age` seconds stands). With `say`,
     tells once on stderr when it takes fewer threads than PyTorch would."""
-    global _THREADS_SAID, _THREADS_AT, _THREADS_WHY
+    global _THREADS_SAID, _THREADS_AT, _THREADS_WHY, _THREADS_SET
     why = None
     if n is None and os.environ.get('DALLE_COURSE_THREADS'):
         try: n = int(os.environ['DALLE_COURSE_THREADS'])
         except ValueError: raise InputError(f"DALLE_COURSE_THREADS={abbrev(os.environ['DALLE_COURSE_THREADS'], 20)} is not "
                                             "a whole number; set it to a thread count such as 2, or unset it") from None
     if n is None and os.environ.get('OMP_NUM_THREADS'): return torch.get_num_threads()  # PyTorch already follows it
+    if n is None and torch.get_num_threads() not in (_TORCH_THREADS, _THREADS_SET):
+        return torch.get_num_threads()  # the user's own torch.set_num_threads stands
     if n is None and time.monotonic() - _THREADS_AT < max_age:
         n, why = torch.get_num_threads(), _THREADS_WHY  # the last measurement stands
     elif n is None:
@@ -165,12 +168,14 @@ def set_threads(n: int | None = None, window: float = 0.1, say: bool = True, max
         _THREADS_AT, _THREADS_WHY = time.monotonic(), why
     require(isinstance(n, int) and n >= 1, f"the thread count must be a whole number >= 1, got {abbrev(n, 20)}")
     if n != torch.get_num_threads(): torch.set_num_threads(n)
+    _THREADS_SET = n
     if why and say and n != _THREADS_SAID:
         warn(f"using {n} CPU thread{'s' * (n > 1)}: {why}; set OMP_NUM_THREADS to choose")
         _THREADS_SAID = n
     return n
 
-set_threads(say=False)  # on import, silently (a one-line error stays one line); training and sampling say it
+try: set_threads(say=False)  # on import, silently; training and sampling say it (and name a bad DALLE_COURSE_THREADS)
+except InputError: pass
 
 # %% ../nbs/00_core.ipynb #00_core-015
 def world_info() -> tuple[int, int, int]:

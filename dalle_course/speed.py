@@ -204,9 +204,13 @@ def _step_params(dec: StaticDecoder) -> tuple[int, int]:
 
 
 def decode_limit(prior: nn.Module, batch_size: int, guidance: float = 1.0, peak_flops: float | None = None,
-                 bandwidth: float | None = None, bytes_per_number: int = 4, device: torch.device | str = 'cpu') -> dict:
+                 bandwidth: float | None = None, bytes_per_number: int = 4, cache_bytes_per_number: int | None = None,
+                 device: torch.device | str = 'cpu') -> dict:
     """The fastest a KV-cache decoder could draw a batch of `batch_size` images from `prior` (G1 or G2) here: each step
     takes the longer of its FLOPs at `peak_flops` and its bytes at `bandwidth` (both measured when not given).
+    The weights are read at `bytes_per_number` (fp32: 4), the cached keys and values at `cache_bytes_per_number` (the
+    same by default; 2 where autocast stores them in bf16). The prefix costs 2 x its linear weights per position
+    (G2: its text encoder over the caption, then the decoder on the start token).
     Returns images/s, which bound binds for most steps, FLOPs and bytes per image, and sequential passes per image."""
     dec = prior if isinstance(prior, StaticDecoder) else StaticDecoder(prior)
     peak = peak_flops or matmul_peak(device)
@@ -215,9 +219,12 @@ def decode_limit(prior: nn.Module, batch_size: int, guidance: float = 1.0, peak_
     P, n_cross = _step_params(dec)
     D, n_l, N, S = dec.H * dec.d, len(dec.tr.blocks), dec.n_img, getattr(dec.prior, 'text_len', 0)
     t = torch.arange(dec.abs_off + 1, dec.abs_off + N, dtype=torch.float64)  # keys visible at each of the N-1 token steps
+    cb = cache_bytes_per_number or bytes_per_number
     flops = R * (2 * P + 4 * n_l * t * D + 4 * n_cross * S * D)
-    nbytes = bytes_per_number * (P + R * 2 * n_l * t * D + R * 2 * n_cross * S * D)
-    pre_f, pre_b = 2 * sum(p.numel() for p in dec.prior.parameters()) * R * dec.abs_off, bytes_per_number * P  # the prefix
+    nbytes = bytes_per_number * P + cb * (R * 2 * n_l * t * D + R * 2 * n_cross * S * D)
+    if isinstance(dec.prior, JointPrior): pre_f = 2 * matmul_params(dec.tr) * R * dec.abs_off  # the caption through the decoder
+    else: pre_f = 2 * (matmul_params(dec.prior.text_encoder) * S + matmul_params(dec.tr)) * R  # the encoder, then the start token
+    pre_b = bytes_per_number * P
     step_s = torch.maximum(flops / peak, nbytes / bw)
     total = step_s.sum().item() + max(pre_f / peak, pre_b / bw)
     memory_steps = int((nbytes / bw > flops / peak).sum())
@@ -250,6 +257,9 @@ def jacobi_sample(prior: nn.Module, text: torch.Tensor, window: int = 16, temper
     {'passes': forward passes (the prefix included), 'acceptance': the share of offered drafts that were committed}."""
     SamplingSettings(temperature, top_k, top_p, guidance)
     if not (isinstance(window, int) and window >= 1): raise InputError(f"window must be a whole number >= 1, got {window!r}")
+    if not isinstance(prior, (JointPrior, SeparatePrior)):
+        raise InputError(f"jacobi_sample feeds a window of tokens through a G1 or G2 prior's own cache, not a {type(prior).__name__}; "
+                         "pass the prior itself")
     dev, B, N, K = next(prior.parameters()).device, text.shape[0], prior.n_img, prior.image_vocab
     cfg = Guidance(prior, text.to(dev), guidance)
     def probs(logits): return filter_logits(cfg.logits(logits), temperature, top_k, top_p).softmax(-1)
@@ -375,7 +385,7 @@ def bench_generate(cfg: dict, mask: str = 'causal', batch_size: int | None = Non
     res = {}
     bf16 = device.type == 'cuda' or cpu_bf16()  # what autocast runs the step in
     limit = decode_limit(prior, B, guidance, peak_flops or matmul_peak(device, torch.bfloat16 if bf16 else torch.float32),
-                         bandwidth, device=device)
+                         bandwidth, cache_bytes_per_number=2 if bf16 else 4, device=device)
     for name, model in runs.items():
         t0 = time.perf_counter(); sample(model, text, guidance=guidance); synchronize(device); cold = time.perf_counter() - t0
         t = time_steps(lambda: sample(model, text, guidance=guidance), warmup=max(0, warmup - 1), repeats=repeats, device=device)

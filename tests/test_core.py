@@ -239,7 +239,8 @@ def test_set_threads_follows_free_cores_and_says_so_once(monkeypatch, capsys):
     before = torch.get_num_threads()
     monkeypatch.delenv('OMP_NUM_THREADS', raising=False); monkeypatch.delenv('DALLE_COURSE_THREADS', raising=False)
     monkeypatch.setattr(core, '_TORCH_THREADS', 4); monkeypatch.setattr(core, '_THREADS_SAID', None)
-    monkeypatch.setattr(core, 'usable_cores', lambda: 4)
+    monkeypatch.setattr(core, '_THREADS_SET', None); monkeypatch.setattr(core, 'usable_cores', lambda: 4)
+    torch.set_num_threads(4)  # as PyTorch would start on four cores
     try:
         monkeypatch.setattr(core, 'free_cores', lambda window=0.1: 1.1)   # three of four cores busy elsewhere
         assert core.set_threads() == 1 == torch.get_num_threads()
@@ -253,6 +254,9 @@ def test_set_threads_follows_free_cores_and_says_so_once(monkeypatch, capsys):
         assert core.set_threads() == 3                                  # 0.7 of the fourth core free: not enough
         monkeypatch.setattr(core, 'free_cores', lambda window=0.1: 3.8)
         assert core.set_threads() == 4 and capsys.readouterr().err == ''  # all free again: PyTorch's default, nothing to say
+        torch.set_num_threads(3)                                          # the user's own choice
+        assert core.set_threads() == 3 and torch.get_num_threads() == 3  # stands
+        torch.set_num_threads(4)
         monkeypatch.setattr(core, 'free_cores', lambda window=0.1: None)  # cannot tell (not Linux): PyTorch's default
         assert core.set_threads() == 4
         monkeypatch.setattr(core, 'usable_cores', lambda: 2)              # a container of 2 CPUs
@@ -267,10 +271,19 @@ def test_set_threads_follows_free_cores_and_says_so_once(monkeypatch, capsys):
     finally: torch.set_num_threads(before)
 
 
+def test_a_bad_thread_count_never_breaks_an_import(tmp_path):
+    import subprocess, sys
+    env = {**os.environ, 'DALLE_COURSE_THREADS': 'abc'}; env.pop('OMP_NUM_THREADS', None)
+    r = subprocess.run([sys.executable, '-c', 'import dalle_course.pipeline, dalle_course.core as c; print(c.torch.get_num_threads())'],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr == '', r.stderr
+
+
 def test_threads_measured_silently_on_import_are_said_by_the_next_caller(monkeypatch, capsys):
     before = torch.get_num_threads()
     monkeypatch.delenv('OMP_NUM_THREADS', raising=False); monkeypatch.delenv('DALLE_COURSE_THREADS', raising=False)
     monkeypatch.setattr(core, '_TORCH_THREADS', 2); monkeypatch.setattr(core, '_THREADS_SAID', None)
+    monkeypatch.setattr(core, '_THREADS_SET', None); torch.set_num_threads(2)
     monkeypatch.setattr(core, 'usable_cores', lambda: 2); monkeypatch.setattr(core, 'free_cores', lambda window=0.1: 1.0)
     try:
         assert core.set_threads(say=False) == 1 and capsys.readouterr().err == ''   # as on import

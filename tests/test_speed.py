@@ -208,12 +208,14 @@ def test_decode_limit_counts_a_g1_by_hand():
     tiny = JointPrior(10, 6, 3, 2, 2, dim=8, depth=1, n_heads=2).eval()
     P = sum(m.weight.numel() for m in tiny.transformer.blocks.modules() if isinstance(m, torch.nn.Linear)) + 6 * 8
     steps = sum(2 * P + 4 * t * 8 for t in (4, 5, 6))       # 3 token steps after 3 text tokens: 4, 5, 6 keys seen
-    prefix = 2 * sum(p.numel() for p in tiny.parameters()) * 3
+    prefix = 2 * matmul_params(tiny.transformer) * 3  # the caption's 3 positions through the linear layers
     lim = decode_limit(tiny, 1, peak_flops=1e9, bandwidth=1e30)
     assert lim['binds'] == 'compute' and lim['flops_per_image'] == pytest.approx(steps + prefix)
     assert 1 / lim['images_per_s'] == pytest.approx((steps + prefix) / 1e9)
     mem = decode_limit(tiny, 2, guidance=3.0, peak_flops=1e30, bandwidth=1e6)  # guidance: 4 rows for 2 images
     nbytes = sum(4 * (P + 4 * 2 * t * 8) for t in (4, 5, 6)) + 4 * P
+    half = decode_limit(tiny, 2, guidance=3.0, peak_flops=1e30, bandwidth=1e6, cache_bytes_per_number=2)  # a bf16 cache
+    assert half['bytes_per_image'] == pytest.approx((sum(4 * P + 2 * 4 * 2 * t * 8 for t in (4, 5, 6)) + 4 * P) / 2)
     assert mem['binds'] == 'memory' and mem['rows'] == 4 and mem['passes_per_image'] == 4
     assert mem['bytes_per_image'] == pytest.approx(nbytes / 2) and 2 / mem['images_per_s'] == pytest.approx(nbytes / 1e6)
 
@@ -225,7 +227,7 @@ def test_decode_limit_of_a_g2_counts_cross_attention_once():
          - blk.xattn.k.weight.numel() - blk.xattn.v.weight.numel() + 6 * 8)  # the text's keys and values: once, in prefix
     lim = decode_limit(g2, 1, peak_flops=1e9, bandwidth=1e30)
     steps = sum(2 * P + 4 * t * 8 + 4 * 3 * 8 for t in (2, 3, 4))   # BOS then tokens: 2, 3, 4 keys; 3 text positions
-    prefix = 2 * sum(p.numel() for p in g2.parameters()) * 1
+    prefix = 2 * (matmul_params(g2.text_encoder) * 3 + matmul_params(g2.decoder))  # the encoder, then the start token
     assert lim['flops_per_image'] == pytest.approx(steps + prefix)
 
 
@@ -322,3 +324,4 @@ def test_jacobi_saves_passes_at_batch_one_and_keeps_the_cache_straight():
     P = filter_logits(cfg.logits(logits), s.temperature, s.top_k).softmax(-1)[0]  # (N, K)
     assert (P.gather(-1, z.view(-1, 1)) > 0).all()
     with pytest.raises(InputError, match='window'): jacobi_sample(pipe.prior, text, window=0)
+    with pytest.raises(InputError, match='pass the prior itself'): jacobi_sample(StaticDecoder(pipe.prior), text)
